@@ -1,0 +1,97 @@
+"""Optax-style transforms for the dual (and slack) variables of the Lagrangian.
+
+optax minimises: ``params ← params + updates``. Multipliers are *maximised*, so
+:func:`dual_ascent` turns the gradient ∇_λ L into an ascent step
+
+    λ ← Π(λ + η_λ ∇_λ L)        (plain ascent, the default)
+
+or feeds −∇_λ L to any optax optimizer (e.g. Adam, as the public ACE code does). Π is the
+projection onto λ ≥ 0 for inequality multipliers and the identity for equalities.
+Both are ordinary :class:`optax.GradientTransformation` objects: pure ``init``/``update``
+pairs that compose with ``optax.chain``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _check_learning_rate(name: str, learning_rate) -> None:
+    if not callable(learning_rate) and not float(learning_rate) > 0:
+        raise ValueError(f"{name}: learning_rate must be > 0, got {learning_rate}")
+
+
+class ProjectNonnegativeState(NamedTuple):
+    """No state: the projection is memoryless."""
+
+
+def project_nonnegative(mask: Any = True) -> optax.GradientTransformation:
+    """Rewrite updates so that ``params + updates ≥ 0`` where ``mask`` is True.
+
+    ``update = max(params + update, 0) − params``: the Euclidean projection of the
+    tentative iterate onto the non-negative orthant. ``mask`` is a bool or a tree of
+    bools matching ``params`` (False leaves are left untouched, e.g. equality λ).
+    Requires ``params`` in ``update``.
+    """
+
+    def init_fn(params):
+        del params
+        return ProjectNonnegativeState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("project_nonnegative needs the current params (multipliers) in update()")
+        masks = jax.tree.map(lambda _: mask, params) if isinstance(mask, bool) else mask
+        updates = jax.tree.map(
+            lambda u, p, m: jnp.where(m, jnp.maximum(p + u, 0.0) - p, u), updates, params, masks
+        )
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ascent(learning_rate, optimizer: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """Gradient ascent: ``update = η g`` (plain) or ``optimizer`` applied to −g."""
+    if optimizer is None:
+        _check_learning_rate("ascent", learning_rate)
+        return optax.scale_by_learning_rate(learning_rate, flip_sign=False)
+    return optax.chain(optax.scale(-1.0), optimizer)
+
+
+def dual_ascent(
+    learning_rate: float | optax.Schedule | None = None,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    nonnegative: Any = False,
+) -> optax.GradientTransformation:
+    """Projected dual ascent on Lagrange multipliers.
+
+    Args:
+      learning_rate: η_λ for plain ascent ``λ ← λ + η_λ ∇_λ L`` (ignored if ``optimizer``).
+      optimizer: any optax optimizer to use instead of plain ascent; it receives −∇_λ L.
+      nonnegative: project onto λ ≥ 0 — True for inequality/resilient multipliers,
+        False for equalities, or a tree of bools for a mix.
+
+    Example::
+
+        tx = dual_ascent(1e-3, nonnegative=True)
+        state = tx.init(lam)
+        upd, state = tx.update(constraint_values, state, lam)
+        lam = optax.apply_updates(lam, upd)
+    """
+    if optimizer is None and learning_rate is None:
+        raise ValueError("dual_ascent: give a learning_rate or an optimizer")
+    parts = [ascent(learning_rate, optimizer)]
+    if nonnegative is not False:
+        parts.append(project_nonnegative(nonnegative))
+    return optax.chain(*parts)
+
+
+def slack_descent(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+    """Projected gradient descent for resilient slacks: ``u ← [u − η_u ∇_u L]_+``."""
+    _check_learning_rate("slack_descent", learning_rate)
+    return optax.chain(optax.scale_by_learning_rate(learning_rate), project_nonnegative(True))

@@ -1,0 +1,409 @@
+"""The training engine shared by every study: epochs, evaluation, selection, logging, resume.
+
+Read top to bottom, :func:`fit` does:
+
+1. initialise the model (branches built unless the method is ``vanilla``), λ = 0, u = 0;
+2. for each epoch: shuffle (seeded by ``(seed, epoch)``), run jitted primal–dual steps on
+   batches sharded over all local devices (``jax.sharding``), set γ by schedule if the
+   method says so;
+3. every ``eval_every`` epochs evaluate the projection (γ = 0, branches not computed) and the
+   full model on the validation set, keep the best variables by the projection's metric
+   (or the full model's), append a JSON line with losses and every γ_i, λ_i, u_i;
+4. checkpoint after every finished epoch (atomic write). A non-finite Lagrangian or
+   gradient stops the run with :class:`NonFiniteError`; the checkpoint on disk is the last
+   good one. ``resume=True`` continues from it and gives the numbers of an uninterrupted run;
+5. evaluate the selected variables on the test set, projection and full model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ace_jax.dual import dual_ascent, slack_descent
+from ace_jax.homotopic import named_leaves
+from ace_jax.lagrangian import make_lagrangian, weighted_mean
+from ace_jax.methods import Method, get_method, triangle_schedule
+from ace_jax.train_step import TrainState, init_train_state, make_train_step
+
+Dataset = Mapping[str, np.ndarray]
+"""A split: arrays sharing the leading example axis N."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when the loss or a gradient becomes NaN/Inf during training."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A learning problem as the engine sees it.
+
+    Attributes:
+      init: ``init(rng, has_branches) -> variables``; with ``has_branches=False`` build the
+        model with ``project=True`` (no branch parameters, no γ).
+      loss: ``loss(variables, example, rng, project) -> scalar`` for ONE example.
+      metric: ``metric(variables, example, project) -> scalar | dict[str, scalar]`` for one
+        example, averaged over a split (default: ``loss`` with a fixed key).
+      transform: ``transform(rng, example) -> example``, a random group element acting on
+        input and target; needed by the ``unconstrained`` (augmentation) and ``penalty``
+        methods.
+      regularizer: ``regularizer(variables, batch, rng) -> scalar`` (scheduled relaxation).
+    """
+
+    init: Callable[[jax.Array, bool], dict]
+    loss: Callable[[Any, Any, jax.Array, bool], jax.Array]
+    metric: Callable[[Any, Any, bool], Any] | None = None
+    transform: Callable[[jax.Array, Any], Any] | None = None
+    regularizer: Callable[[Any, Any, jax.Array], jax.Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`fit`. Learning rates must be positive; ``dual_optimizer`` is
+    ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float = 1e-3
+    dual_learning_rate: float = 1e-3
+    slack_learning_rate: float | None = None
+    dual_optimizer: str = "ascent"
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    lr_schedule: Callable[[int], float] | None = None
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    select_on: str = "projection"
+    select_metric: str | None = None
+    select_mode: str = "min"
+    slack_init: float = 0.0
+    seed: int = 0
+    out_dir: str | None = None
+    resume: bool = True
+    progress: bool = True
+    data_parallel: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        for name in ("learning_rate", "dual_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.slack_learning_rate is not None and not self.slack_learning_rate > 0:
+            raise ValueError(f"slack_learning_rate must be > 0, got {self.slack_learning_rate}")
+        if self.dual_optimizer not in ("ascent", "adam"):
+            raise ValueError(f"dual_optimizer must be 'ascent' or 'adam', got {self.dual_optimizer!r}")
+        if self.select_on not in ("projection", "full"):
+            raise ValueError(f"select_on must be 'projection' or 'full', got {self.select_on!r}")
+        if self.select_mode not in ("min", "max"):
+            raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
+        if self.eval_every < 1:
+            raise ValueError("eval_every must be >= 1")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0")
+
+
+class FitResult(NamedTuple):
+    best_variables: dict
+    best_epoch: int
+    val: dict  # {"projection": {metric: value}, "full": {...}} at the best epoch
+    test: dict  # same layout, on the test split
+    history: list  # one record per epoch (also written to log.jsonl)
+    state: TrainState  # final state
+    seconds: float  # wall time of this call (training + evaluation)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_split(name: str, data: Dataset) -> int:
+    if not data:
+        raise ValueError(f"{name} split is empty")
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise ValueError(f"{name} split: every array needs the same leading example axis, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _primal_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    lr = config.lr_schedule if config.lr_schedule is not None else config.learning_rate
+    parts = []
+    if config.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(optax.adamw(lr, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(lr))
+    return optax.chain(*parts)
+
+
+def method_loss(task: Task, method: Method):
+    """The per-example training loss a method optimises (augmentation, REMUL penalty)."""
+    project = not method.has_branches
+    needs_transform = method.augment or method.penalty_weight > 0
+    if needs_transform and task.transform is None:
+        raise ValueError(f"method {method.name!r} needs task.transform (a random group action on examples)")
+
+    def loss(variables, example, rng):
+        k_loss, k_g, k_pen = jax.random.split(rng, 3)
+        if method.augment:
+            example = task.transform(k_g, example)
+        value = task.loss(variables, example, k_loss, project)
+        if method.penalty_weight > 0:
+            value = value + method.penalty_weight * task.loss(variables, task.transform(k_g, example), k_pen, project)
+        return value
+
+    return loss
+
+
+def _as_metric_dict(value) -> dict:
+    return dict(value) if isinstance(value, Mapping) else {"metric": value}
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _scalars(tree) -> dict:
+    return {k: float(v) for k, v in named_leaves(jax.device_get(tree)).items()}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_evaluator(task: Task, batch_size: int, sharding=None):
+    """``evaluate(variables, data, project) -> {metric: mean}`` over a whole split.
+
+    Batches are padded to ``batch_size`` with zero-weight copies of the first example so
+    that one compiled program serves every batch; padding never enters the mean.
+    """
+    metric = task.metric or (lambda v, ex, project: task.loss(v, ex, jax.random.PRNGKey(0), project))
+
+    @partial(jax.jit, static_argnums=(3,))
+    def batch_sums(variables, batch, weights, project):
+        values = jax.vmap(lambda ex: _as_metric_dict(metric(variables, ex, project)))(batch)
+        return {k: jnp.sum(v * weights) for k, v in values.items()}
+
+    def evaluate(variables, data: Dataset, project: bool) -> dict:
+        n = _check_split("eval", data)
+        totals: dict = {}
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            weights = np.zeros(batch_size, np.float32)
+            weights[: len(idx)] = 1.0
+            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+            batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+            if sharding is not None:
+                batch, weights = jax.device_put((batch, weights), sharding)
+            sums = batch_sums(variables, batch, weights, project)
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {k: float(v) / n for k, v in totals.items()}
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(
+    task: Task,
+    train: Dataset,
+    val: Dataset,
+    test: Dataset | None,
+    method: Method | str,
+    config: TrainConfig,
+) -> FitResult:
+    """Train ``task`` with ``method`` (a :class:`Method` or its name); see the module doc."""
+    t_start = time.perf_counter()
+    method = get_method(method) if isinstance(method, str) else method
+    n_train = _check_split("train", train)
+    _check_split("val", val)
+    if test is not None:
+        _check_split("test", test)
+    if n_train < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
+
+    # Devices: data parallel over all local devices through jax.sharding.
+    devices = jax.local_devices() if config.data_parallel else jax.local_devices()[:1]
+    if config.batch_size % len(devices) or config.eval_batch_size % len(devices):
+        raise ValueError(
+            f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be divisible "
+            f"by the number of devices ({len(devices)})"
+        )
+    mesh = Mesh(np.array(devices), ("data",))
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    # Model, optimizers, state.
+    key = jax.random.PRNGKey(config.seed)
+    init_key, train_key = jax.random.split(key)
+    variables = task.init(init_key, method.has_branches)
+    formulation = method.formulation
+    primal_tx = _primal_optimizer(config)
+    if formulation is not None:
+        nonneg = formulation.nonnegative_multipliers
+        dual_tx = (
+            dual_ascent(optimizer=optax.adam(config.dual_learning_rate), nonnegative=nonneg)
+            if config.dual_optimizer == "adam"
+            else dual_ascent(config.dual_learning_rate, nonnegative=nonneg)
+        )
+        slack_tx = slack_descent(config.slack_learning_rate or config.dual_learning_rate)
+    else:
+        dual_tx = slack_tx = None
+    state = init_train_state(variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init)
+    if formulation is not None and not jax.tree.leaves(state.gamma):
+        raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
+
+    regularizer = None
+    if method.regularizer_weight > 0:
+        if task.regularizer is None:
+            raise ValueError(f"method {method.name!r} needs task.regularizer")
+        regularizer = lambda v, b, r: method.regularizer_weight * task.regularizer(v, b, r)  # noqa: E731
+    lagrangian = make_lagrangian(method_loss(task, method), formulation, regularizer=regularizer)
+    step_fn = make_train_step(lagrangian, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma)
+
+    @jax.jit
+    def train_step(state, batch):
+        return step_fn(state, batch, jax.random.fold_in(train_key, state.step))
+
+    evaluate = make_evaluator(task, config.eval_batch_size, batch_sharding if len(devices) > 1 else None)
+    # Vanilla has no branches: its "full" model is the projection itself.
+    project_eval = {"projection": True, "full": not method.has_branches}
+
+    # Output files and resume.
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    ckpt_path = log_path = None
+    start_epoch, history = 0, []
+    best = {"score": None, "epoch": -1, "variables": state.variables(), "val": {}}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path, log_path = out_dir / "checkpoint.msgpack", out_dir / "log.jsonl"
+        if config.resume and ckpt_path.exists():
+            state, best, start_epoch, history = _restore(ckpt_path, state, best)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        elif log_path.exists():
+            log_path.unlink()
+    state = jax.device_put(state, replicated)
+
+    steps_per_epoch = n_train // config.batch_size
+    sign = 1.0 if config.select_mode == "min" else -1.0
+    epochs = range(start_epoch, config.epochs)
+    bar = _progress(epochs, config.progress, method.name)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        if method.gamma_schedule == "triangle":
+            value = triangle_schedule(epoch, config.epochs)
+            state = state.replace(gamma=jax.tree.map(lambda g: jnp.full_like(g, value), state.gamma))
+        order = np.random.default_rng((config.seed, epoch)).permutation(n_train)
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            batch = jax.device_put({k: np.asarray(v)[idx] for k, v in train.items()}, batch_sharding)
+            state, metrics = train_step(state, batch)
+            losses.append((metrics["loss"], metrics["lagrangian"]))
+        bad = int(state.first_bad_step)
+        if bad >= 0:
+            where = ""
+            if ckpt_path is not None and history:
+                where = f"; the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {ckpt_path}"
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad} (epoch {epoch}) with method {method.name!r}: "
+                f"training stopped{where}. Lower the learning rate or check the data."
+            )
+        loss_arr = np.asarray(jax.device_get(losses), np.float64)
+        record = {
+            "epoch": epoch,
+            "train_loss": float(loss_arr[:, 0].mean()),
+            "train_lagrangian": float(loss_arr[:, 1].mean()),
+            "gamma": _scalars(state.gamma),
+            "multiplier": _scalars(state.multipliers),
+            "slack": _scalars(state.slacks),
+        }
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            variables = state.variables()
+            val_scores = {name: evaluate(variables, val, p) for name, p in project_eval.items()}
+            record["val"] = val_scores
+            metric_name = config.select_metric or next(iter(val_scores["projection"]))
+            if metric_name not in val_scores[config.select_on]:
+                raise ValueError(f"select_metric {metric_name!r} not among {list(val_scores[config.select_on])}")
+            score = sign * val_scores[config.select_on][metric_name]
+            if best["score"] is None or score < best["score"]:
+                best = {"score": score, "epoch": epoch, "variables": jax.device_get(variables), "val": val_scores}
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['train_loss']:.3g}", val=f"{val_scores['projection'][metric_name]:.3g}")
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if out_dir is not None:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            _save(ckpt_path, state, best, epoch, history)
+
+    test_scores = {}
+    if test is not None:
+        test_scores = {name: evaluate(best["variables"], test, p) for name, p in project_eval.items()}
+    return FitResult(
+        best_variables=best["variables"],
+        best_epoch=best["epoch"],
+        val=best["val"],
+        test=test_scores,
+        history=history,
+        state=state,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional for the library
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list) -> None:
+    payload = {
+        "state": flax.serialization.to_state_dict(jax.device_get(state)),
+        "best_variables": flax.serialization.to_state_dict(best["variables"]),
+        "best_score": np.float64(np.nan if best["score"] is None else best["score"]),
+        "best_epoch": best["epoch"],
+        "best_val": json.dumps(best["val"]),
+        "epoch": epoch,
+        "history": json.dumps(history),
+    }
+    _write_atomic(path, flax.serialization.msgpack_serialize(payload))
+
+
+def _restore(path: Path, state: TrainState, best: dict):
+    try:
+        raw = flax.serialization.msgpack_restore(path.read_bytes())
+        state = flax.serialization.from_state_dict(state, raw["state"])
+        best_vars = flax.serialization.from_state_dict(best["variables"], raw["best_variables"])
+    except Exception as err:  # a checkpoint of another model or a corrupt file
+        raise ValueError(f"cannot resume from {path}: it does not match this model/method ({err})") from err
+    score = float(raw["best_score"])
+    best = {
+        "score": None if np.isnan(score) else score,
+        "epoch": int(raw["best_epoch"]),
+        "variables": best_vars,
+        "val": json.loads(raw["best_val"]),
+    }
+    return state, best, int(raw["epoch"]) + 1, json.loads(raw["history"])

@@ -1,0 +1,187 @@
+"""Homotopic layers: an equivariant map plus a γ-scaled symmetry-breaking branch.
+
+A homotopic layer computes
+
+    f(x; θ, γ) = f_eq(x; θ) + γ · g(x; θ)
+
+where ``f_eq`` is G-equivariant, ``g`` is an unconstrained branch and γ is a scalar stored
+in its own Flax variable collection, :data:`GAMMA` (``"gamma"``), never in ``"params"``.
+γ = 0 is the *equivariant projection*. Every module here takes a static ``project`` flag;
+with ``project=True`` the branch is not evaluated at all (not merely multiplied by zero),
+so the projection costs exactly what the equivariant model costs, and initialising with
+``project=True`` creates neither branch parameters nor γ (the "vanilla" model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GAMMA = "gamma"
+"""Name of the variable collection that holds every γ_i."""
+
+
+class SymmetryBreaking(nn.Module):
+    """The breaking term ``γ · g(*args)`` with γ a learnable scalar in collection ``gamma``.
+
+    Use it inside a model where the equivariant and breaking paths are combined by hand::
+
+        y = equivariant_update(h)
+        if not project:
+            y = y + SymmetryBreaking(MLPBranch(d), name="feature_breaking")(h)
+
+    Attributes:
+      branch: the unconstrained map g; any Flax module. Its output may be any pytree;
+        every leaf is scaled by γ.
+      gamma_init: initial γ (1.0 is the paper's default; 0.0 is an ablation).
+    """
+
+    branch: nn.Module
+    gamma_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        gamma = self.variable(GAMMA, "gamma", lambda: jnp.asarray(self.gamma_init, jnp.float32))
+        out = self.branch(*args, **kwargs)
+        return jax.tree.map(lambda y: gamma.value.astype(y.dtype) * y, out)
+
+
+class Homotopic(nn.Module):
+    """``f(x) = equivariant(x) + γ · branch(x)``, the homotopic wrapper of one layer.
+
+    Attributes:
+      equivariant: the G-equivariant module f_eq.
+      branch: the breaking module g; it must map x to the shape of ``equivariant(x)``.
+      gamma_init: initial γ.
+
+    Call with ``project=True`` for the equivariant projection (branch not evaluated).
+    """
+
+    equivariant: nn.Module
+    branch: nn.Module
+    gamma_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, *, project: bool = False):
+        y = self.equivariant(x)
+        if project:
+            return y
+        correction = SymmetryBreaking(self.branch, self.gamma_init, name="breaking")(x)
+        if jnp.shape(correction) != jnp.shape(y):
+            raise ValueError(
+                f"Homotopic: branch output shape {jnp.shape(correction)} does not match the "
+                f"equivariant output shape {jnp.shape(y)}"
+            )
+        return y + correction
+
+
+def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
+    """Largest singular value σ_max of a 2-D ``kernel`` (in, out), by power iteration.
+
+    The iteration runs on ``stop_gradient(kernel)`` from a fixed start vector, so it is
+    stateless and deterministic; σ = uᵀ W v is then differentiable in W as in the
+    usual spectral normalisation (Miyato et al., 2018).
+    """
+    if kernel.ndim != 2:
+        raise ValueError(f"spectral_norm expects a 2-D kernel, got shape {kernel.shape}")
+    w = jax.lax.stop_gradient(kernel)
+    v = jnp.ones((w.shape[1],), w.dtype) / jnp.sqrt(w.shape[1])
+
+    def body(_, v):
+        u = w @ v
+        u = u / (jnp.linalg.norm(u) + 1e-12)
+        v = w.T @ u
+        return v / (jnp.linalg.norm(v) + 1e-12)
+
+    v = jax.lax.fori_loop(0, num_iterations, body, v)
+    u = w @ v
+    u = jax.lax.stop_gradient(u / (jnp.linalg.norm(u) + 1e-12))
+    return u @ kernel @ jax.lax.stop_gradient(v)
+
+
+class SpectralDense(nn.Module):
+    """Dense layer ``x W / σ_max(W) + b``: its Lipschitz constant is (close to) 1.
+
+    Needed for the resilient variant (METHOD.md §5), where it keeps ‖g_i‖ and hence the
+    equivariance error of the full model bounded in terms of |γ_i|.
+    """
+
+    features: int
+    use_bias: bool = True
+    num_iterations: int = 10
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        kernel = kernel / jnp.maximum(spectral_norm(kernel, self.num_iterations), 1e-12)
+        y = x @ kernel.astype(x.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        return y
+
+
+class MLPBranch(nn.Module):
+    """A plain breaking branch g acting on the last axis: Dense layers with an activation.
+
+    With ``hidden=()`` it is a single Linear layer (the paper's most common branch). All
+    irrep components of an equivariant feature are treated as plain numbers, which is
+    what makes the branch able to break the symmetry.
+
+    Attributes:
+      features: output size of the last axis.
+      hidden: sizes of hidden layers.
+      spectral: spectrally normalise every layer (1-Lipschitz branch up to activations).
+      activation: nonlinearity between layers.
+    """
+
+    features: int
+    hidden: Sequence[int] = ()
+    spectral: bool = False
+    activation: Callable = nn.silu
+
+    @nn.compact
+    def __call__(self, x):
+        dense = SpectralDense if self.spectral else nn.Dense
+        for width in self.hidden:
+            x = self.activation(dense(width)(x))
+        return dense(self.features)(x)
+
+
+def gammas(variables: Mapping[str, Any]) -> dict:
+    """The ``gamma`` collection of ``variables`` ({} for a model without branches)."""
+    return dict(variables.get(GAMMA, {}))
+
+
+def projected_variables(variables: Mapping[str, Any]) -> dict:
+    """A copy of ``variables`` with every γ set to 0: the deployed equivariant model.
+
+    ``model.apply(projected_variables(v), x)`` equals ``model.apply(v, x, project=True)``
+    (up to floating point), but still evaluates the branches; prefer ``project=True``.
+    """
+    out = dict(variables)
+    if GAMMA in out:
+        out[GAMMA] = jax.tree.map(jnp.zeros_like, out[GAMMA])
+    return out
+
+
+def named_leaves(tree: Any) -> dict[str, jax.Array]:
+    """Flatten a pytree into ``{"a/b/gamma": leaf}`` with slash-joined key paths."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = {}
+    for path, leaf in flat:
+        parts = []
+        for key in path:
+            if isinstance(key, jax.tree_util.DictKey):
+                parts.append(str(key.key))
+            elif isinstance(key, jax.tree_util.GetAttrKey):
+                parts.append(key.name)
+            elif isinstance(key, jax.tree_util.SequenceKey):
+                parts.append(str(key.idx))
+            else:
+                parts.append(str(key))
+        names["/".join(parts)] = leaf
+    return names

@@ -1,0 +1,83 @@
+"""The empirical Lagrangian of ACE over a vmapped per-example loss.
+
+    L(θ, γ, λ, u) = (1/B) Σ_n w_n ℓ(f(x_n; θ, γ), y_n) / mean(w) + (α/2)‖u‖² + Σ_i λ_i c_i(γ, u)
+
+c is given by the formulation (γ for equality, |γ| − ε, |γ| − u). With no formulation
+(vanilla / unconstrained baselines) L is the task loss alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ace_jax.formulations import Formulation
+from ace_jax.homotopic import GAMMA
+
+PerExampleLoss = Callable[[Any, Any, jax.Array], jax.Array]
+"""``loss(variables, example, rng) -> scalar`` for ONE example (no batch axis)."""
+
+
+class LagrangianAux(NamedTuple):
+    """What the Lagrangian reports besides its value."""
+
+    loss: jax.Array  # mean task loss over the batch
+    constraints: Any  # tree like γ: c_i (∇_λ L)
+    lagrangian: jax.Array
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Mean of ``values (B,)``, ignoring entries of zero weight (padding)."""
+    if weights is None:
+        return jnp.mean(values)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def make_lagrangian(
+    per_example_loss: PerExampleLoss,
+    formulation: Formulation | None,
+    *,
+    regularizer: Callable[[Any, Any, jax.Array], jax.Array] | None = None,
+):
+    """Build ``lagrangian(params, gamma, multipliers, slacks, batch, rng, extra=None)``.
+
+    Args:
+      per_example_loss: ℓ for a single example; vmapped here over the leading batch axis
+        of every leaf of ``batch`` (a key ``"weight"`` (B,), if present, weights examples
+        and is not passed to the loss).
+      formulation: :class:`Equality`, :class:`Inequality`, :class:`Resilient` or None.
+      regularizer: optional ``r(variables, batch, rng) -> scalar`` added to L (used by
+        the scheduled-relaxation baseline's penalty).
+
+    Returns a function giving ``(L, LagrangianAux)``; differentiate it w.r.t. params and γ.
+    ``extra`` holds further variable collections (e.g. fixed buffers) passed to the model.
+    """
+
+    def lagrangian(params, gamma, multipliers, slacks, batch, rng, extra=None):
+        variables = {"params": params, **(extra or {})}
+        if gamma is not None and jax.tree.leaves(gamma):
+            variables[GAMMA] = gamma
+        batch = dict(batch)
+        weights = batch.pop("weight", None)
+        size = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(rng, size + 1)
+        losses = jax.vmap(per_example_loss, in_axes=(None, 0, 0))(variables, batch, keys[1:])
+        if losses.shape != (size,):
+            raise ValueError(f"per_example_loss must return a scalar per example, got batch shape {losses.shape}")
+        loss = weighted_mean(losses, weights)
+        value = loss
+        if regularizer is not None:
+            value = value + regularizer(variables, batch, keys[0])
+        constraints = {}
+        if formulation is not None:
+            constraints = formulation.constraints(gamma, slacks)
+            value = value + formulation.slack_cost(slacks) if formulation.uses_slacks else value
+            value = value + sum(
+                (jnp.sum(lam * c) for lam, c in zip(jax.tree.leaves(multipliers), jax.tree.leaves(constraints))),
+                jnp.zeros((), value.dtype),
+            )
+        return value, LagrangianAux(loss=loss, constraints=constraints, lagrangian=value)
+
+    return lagrangian

@@ -1,0 +1,96 @@
+"""Training methods: ACE variants and the paper's baselines, as options of one engine.
+
+========================  ==================================================================
+name                      what is trained
+========================  ==================================================================
+``vanilla``               the equivariant model alone (branches never built, γ ≡ 0)
+``ace``                   ACE, equality constraints γ_i = 0 (Alg. 1)
+``ace-resilient``         ACE, resilient |γ_i| ≤ u_i, slack cost α/2‖u‖² (Alg. 2)
+``ace-inequality``        ACE, |γ_i| ≤ ε
+``unconstrained``         γ free, no constraint; random group augmentation of the data
+``scheduled``             γ not learned, triangle schedule 0→1→0 + weight·regulariser
+``penalty``               γ free, loss ℓ(x) + β ℓ(g·x) with g random (REMUL-style)
+========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ace_jax.formulations import Equality, Formulation, Inequality, Resilient
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How γ and the constraints are treated during training.
+
+    Attributes:
+      name: one of :data:`METHOD_NAMES`.
+      formulation: constraint formulation, or None for unconstrained training.
+      has_branches: False trains the projection only (branches never built).
+      learn_gamma: whether γ is a primal variable (False: set by ``gamma_schedule``).
+      gamma_schedule: ``"triangle"`` (0→1→0 over training) or None.
+      augment: train on randomly transformed examples (task must give ``transform``).
+      penalty_weight: β of the REMUL-style penalty ℓ(g·x, g·y) (task ``transform``).
+      regularizer_weight: weight of the task's ``regularizer`` (scheduled relaxation).
+    """
+
+    name: str
+    formulation: Formulation | None = None
+    has_branches: bool = True
+    learn_gamma: bool = True
+    gamma_schedule: str | None = None
+    augment: bool = False
+    penalty_weight: float = 0.0
+    regularizer_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.penalty_weight < 0 or self.regularizer_weight < 0:
+            raise ValueError(f"{self.name}: penalty and regulariser weights must be >= 0")
+        if self.gamma_schedule not in (None, "triangle"):
+            raise ValueError(f"unknown gamma_schedule {self.gamma_schedule!r}; known: 'triangle'")
+
+
+METHOD_NAMES = (
+    "vanilla",
+    "ace",
+    "ace-resilient",
+    "ace-inequality",
+    "unconstrained",
+    "scheduled",
+    "penalty",
+)
+
+
+def get_method(
+    name: str,
+    *,
+    alpha: float = 1.0,
+    epsilon: float = 0.0,
+    penalty_weight: float = 1.0,
+    regularizer_weight: float = 0.01,
+) -> Method:
+    """The :class:`Method` called ``name`` (see the module table); unknown names raise."""
+    if name == "vanilla":
+        return Method(name, has_branches=False, learn_gamma=False)
+    if name == "ace":
+        return Method(name, formulation=Equality())
+    if name == "ace-resilient":
+        return Method(name, formulation=Resilient(alpha=alpha))
+    if name == "ace-inequality":
+        return Method(name, formulation=Inequality(epsilon=epsilon))
+    if name == "unconstrained":
+        return Method(name, augment=True)
+    if name == "scheduled":
+        return Method(name, learn_gamma=False, gamma_schedule="triangle", regularizer_weight=regularizer_weight)
+    if name == "penalty":
+        return Method(name, penalty_weight=penalty_weight)
+    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHOD_NAMES)}")
+
+
+def triangle_schedule(epoch: int, total_epochs: int) -> float:
+    """γ(e) = 2e/E for e ≤ E/2, else 1 − 2(e − E/2)/E (0 → 1 → 0 over E epochs)."""
+    if total_epochs <= 0:
+        raise ValueError("total_epochs must be > 0")
+    e, big_e = float(epoch), float(total_epochs)
+    return 2 * e / big_e if e <= big_e / 2 else max(0.0, 1 - 2 * (e - big_e / 2) / big_e)

@@ -1,0 +1,77 @@
+"""Small helpers shared by the study entry scripts: CLI arguments, summaries, result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """``{"mean", "std"}`` over seeds (population std; 0 for one seed; NaN-free input required)."""
+    arr = np.asarray(list(values), np.float64)
+    if arr.size == 0:
+        raise ValueError("summarize: no values")
+    return {"mean": float(arr.mean()), "std": float(arr.std())}
+
+
+def parse_list(text: str | None, known: Sequence[str], what: str) -> list[str]:
+    """Split ``"a,b"`` and check every entry is known (clear error otherwise)."""
+    if not text:
+        return list(known)
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(known)}")
+    return items
+
+
+def add_study_args(parser: argparse.ArgumentParser, presets: Mapping[str, Any]) -> argparse.ArgumentParser:
+    """The options every study shares: --preset, --out, --methods, --seeds, --epochs, --seed, --no-progress."""
+    parser.add_argument("--preset", choices=sorted(presets), default="quick", help="budget preset")
+    parser.add_argument("--out", required=True, help="output folder (results.json, plots, logs)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) else v
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON (numpy scalars converted, NaN → null), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def fmt(mean_std: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
+    """``"3.81e-03 ± 6.0e-05"`` style cell (scale multiplies both)."""
+    m, s = mean_std["mean"] * scale, mean_std["std"] * scale
+    return f"{m:.{digits}g} ± {s:.2g}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

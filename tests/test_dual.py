@@ -1,0 +1,83 @@
+"""The dual transform: projected ascent that behaves like an optax GradientTransformation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ace_jax import dual_ascent, project_nonnegative, slack_descent
+
+
+def test_plain_ascent_matches_hand_written_step():
+    lam = {"a": jnp.array(0.3), "b": jnp.array(-0.2)}
+    grad = {"a": jnp.array(0.5), "b": jnp.array(-1.0)}
+    tx = dual_ascent(0.1)
+    upd, _ = tx.update(grad, tx.init(lam), lam)
+    new = optax.apply_updates(lam, upd)
+    # Equality multipliers: λ + η g, sign free (b goes more negative).
+    np.testing.assert_allclose(new["a"], 0.3 + 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(new["b"], -0.2 - 0.1 * 1.0, rtol=1e-6)
+
+
+def test_projection_keeps_inequality_multipliers_nonnegative():
+    lam = {"a": jnp.array(0.05), "b": jnp.array(1.0)}
+    grad = {"a": jnp.array(-1.0), "b": jnp.array(-1.0)}
+    tx = dual_ascent(0.1, nonnegative=True)
+    upd, _ = tx.update(grad, tx.init(lam), lam)
+    new = optax.apply_updates(lam, upd)
+    np.testing.assert_allclose(new["a"], 0.0)  # max(0.05 - 0.1, 0)
+    np.testing.assert_allclose(new["b"], 0.9, rtol=1e-6)
+
+
+def test_mixed_mask_projects_only_inequalities():
+    lam = {"eq": jnp.array(0.0), "ineq": jnp.array(0.0)}
+    grad = {"eq": jnp.array(-2.0), "ineq": jnp.array(-2.0)}
+    tx = dual_ascent(0.5, nonnegative={"eq": False, "ineq": True})
+    upd, _ = tx.update(grad, tx.init(lam), lam)
+    new = optax.apply_updates(lam, upd)
+    assert float(new["eq"]) == pytest.approx(-1.0)
+    assert float(new["ineq"]) == 0.0
+
+
+def test_optimizer_underneath_ascends():
+    # Adam on the dual ascends the Lagrangian: with a positive constraint value λ grows.
+    lam = jnp.zeros(3)
+    tx = dual_ascent(optimizer=optax.adam(0.01))
+    state = tx.init(lam)
+    for _ in range(5):
+        upd, state = tx.update(jnp.array([1.0, -1.0, 1e-3]), state, lam)
+        lam = optax.apply_updates(lam, upd)
+    np.testing.assert_allclose(lam, [0.05, -0.05, 0.05], rtol=1e-3)  # Adam moves ~lr per step
+
+
+def test_composes_in_optax_chain_and_under_jit():
+    tx = optax.chain(optax.clip(0.1), dual_ascent(1.0, nonnegative=True))
+    lam = jnp.array([0.0, 1.0])
+
+    @jax.jit
+    def step(lam, state, g):
+        upd, state = tx.update(g, state, lam)
+        return optax.apply_updates(lam, upd), state
+
+    lam, _ = step(lam, tx.init(lam), jnp.array([5.0, -5.0]))
+    np.testing.assert_allclose(lam, [0.1, 0.9], rtol=1e-6)
+
+
+def test_slack_descent_is_projected():
+    u = jnp.array([0.05, 1.0])
+    tx = slack_descent(0.1)
+    upd, _ = tx.update(jnp.array([1.0, 1.0]), tx.init(u), u)
+    np.testing.assert_allclose(optax.apply_updates(u, upd), [0.0, 0.9], rtol=1e-6)
+
+
+def test_projection_needs_params_and_rates_must_be_positive():
+    tx = project_nonnegative()
+    with pytest.raises(ValueError, match="params"):
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    with pytest.raises(ValueError, match="learning_rate"):
+        dual_ascent(-0.1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        slack_descent(0.0)
+    with pytest.raises(ValueError):
+        dual_ascent()

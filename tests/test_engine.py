@@ -1,0 +1,189 @@
+"""The training engine: learning, resume == uninterrupted, NaN guard, clear errors, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ace_jax as aj
+
+
+class OddModel(nn.Module):
+    """Equivariant part odd in x (sign-flip group); the branch may add a bias."""
+
+    @nn.compact
+    def __call__(self, x, project=False):
+        y = nn.Dense(1, use_bias=False)(x)
+        if not project:
+            y = y + aj.SymmetryBreaking(aj.MLPBranch(1), name="breaking")(x)
+        return y
+
+
+def _data(n=256, seed=0, bias=0.5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    return {"x": x, "y": (x @ np.array([[1.0], [-2.0]]) + bias).astype(np.float32)}
+
+
+def _task(model=OddModel()):
+    x0 = np.zeros(2, np.float32)
+    return aj.Task(
+        init=lambda k, has_branches: model.init(k, x0, project=not has_branches),
+        loss=lambda v, ex, r, p: jnp.mean((model.apply(v, ex["x"], project=p) - ex["y"]) ** 2),
+        transform=lambda r, ex: {"x": -ex["x"], "y": -ex["y"]},
+    )
+
+
+def _config(**kw):
+    base = dict(epochs=4, batch_size=32, learning_rate=2e-2, dual_learning_rate=2e-2, progress=False)
+    base.update(kw)
+    return aj.TrainConfig(**base)
+
+
+def test_resilient_learns_the_symmetry_breaking_bias():
+    data = _data()
+    res = aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=25, select_on="full"))
+    van = aj.fit(_task(), data, data, data, "vanilla", _config(epochs=25))
+    # The odd (equivariant) model cannot represent the +0.5 bias: floor 0.25.
+    assert van.test["projection"]["metric"] > 0.2
+    assert res.test["full"]["metric"] < 0.1
+    assert abs(res.history[-1]["gamma"]["breaking/gamma"]) > 0.05
+    assert res.history[-1]["slack"]["breaking/gamma"] >= 0.0
+    assert res.history[-1]["multiplier"]["breaking/gamma"] >= 0.0
+
+
+class BiasBranchModel(nn.Module):
+    """Odd linear part plus γ times a fixed unit bias (the loss is curved in γ)."""
+
+    @nn.compact
+    def __call__(self, x, project=False):
+        y = nn.Dense(1, use_bias=False)(x)
+        if not project:
+            y = y + aj.SymmetryBreaking(_UnitBias(), name="breaking")(x)
+        return y
+
+
+class _UnitBias(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.ones((1,), x.dtype)
+
+
+def test_equality_drives_gamma_to_zero_on_symmetric_data():
+    data = _data(bias=0.0)  # symmetric data: nothing to gain from breaking
+    res = aj.fit(_task(BiasBranchModel()), data, data, data, "ace", _config(epochs=30))
+    gammas = [r["gamma"]["breaking/gamma"] for r in res.history]
+    assert abs(gammas[-1]) < 0.05 * abs(gammas[0])
+    assert res.test["projection"]["metric"] < 2e-2  # vs 5.0 for an untrained model
+
+
+def test_resume_gives_the_uninterrupted_numbers(tmp_path):
+    data = _data()
+    full = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "a")))
+    aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=str(tmp_path / "b")))
+    resumed = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "b")))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.test == full.test
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2, 3]
+
+
+def test_same_seed_same_numbers_and_other_seed_differs():
+    data = _data()
+    a = aj.fit(_task(), data, data, data, "ace", _config(epochs=2))
+    b = aj.fit(_task(), data, data, data, "ace", _config(epochs=2))
+    c = aj.fit(_task(), data, data, data, "ace", _config(epochs=2, seed=1))
+    assert a.test == b.test and a.test != c.test
+
+
+class Exploding(nn.Module):
+    """Loss turns NaN once the weight passes 1.0 (reached after a few epochs)."""
+
+    @nn.compact
+    def __call__(self, x, project=False):
+        w = self.param("w", nn.initializers.zeros, ())
+        y = w * x
+        if not project:
+            y = y + aj.SymmetryBreaking(aj.MLPBranch(1))(x)
+        return jnp.where(w > 1.0, jnp.nan, y)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = {"x": np.ones((64, 1), np.float32), "y": np.full((64, 1), 5.0, np.float32)}
+    model = Exploding()
+    task = aj.Task(
+        init=lambda k, hb: model.init(k, np.ones(1, np.float32), project=not hb),
+        loss=lambda v, ex, r, p: jnp.mean((model.apply(v, ex["x"], project=p) - ex["y"]) ** 2),
+    )
+    cfg = _config(epochs=50, batch_size=16, learning_rate=0.05, out_dir=str(tmp_path))
+    with pytest.raises(aj.NonFiniteError, match="non-finite .* step .* last good checkpoint"):
+        aj.fit(task, data, data, None, "ace", cfg)
+    raw = flax.serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
+    w = float(raw["state"]["params"]["w"])
+    assert np.isfinite(w) and w <= 1.0
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert raw["epoch"] == log[-1]["epoch"] and 0 < len(log) < 50
+
+
+def test_bad_settings_raise_clear_errors():
+    data = _data(64)
+    with pytest.raises(ValueError, match="learning_rate"):
+        _config(learning_rate=-1e-3)
+    with pytest.raises(ValueError, match="dual_learning_rate"):
+        _config(dual_learning_rate=0.0)
+    with pytest.raises(ValueError, match="unknown method 'aec'"):
+        aj.fit(_task(), data, data, data, "aec", _config())
+    with pytest.raises(ValueError, match="dual_optimizer"):
+        _config(dual_optimizer="sgd")
+    with pytest.raises(ValueError, match="exceeds"):
+        aj.fit(_task(), data, data, data, "ace", _config(batch_size=128 * 4))
+    bad = {"x": data["x"], "y": data["y"][:10]}
+    with pytest.raises(ValueError, match="leading example axis"):
+        aj.fit(_task(), bad, data, data, "ace", _config())
+    with pytest.raises(ValueError, match="transform"):
+        aj.fit(aj.Task(init=_task().init, loss=_task().loss), data, data, data, "penalty", _config())
+
+
+def test_vanilla_has_no_gamma_and_penalty_and_augmentation_run():
+    data = _data(64)
+    van = aj.fit(_task(), data, data, data, "vanilla", _config(epochs=1))
+    assert van.history[0]["gamma"] == {} and van.test["projection"] == van.test["full"]
+    for method in ("unconstrained", "penalty", "ace-inequality"):
+        res = aj.fit(_task(), data, data, data, method, _config(epochs=1))
+        assert np.isfinite(res.test["full"]["metric"])
+
+
+def test_data_parallel_over_two_cpu_devices_matches_one_device(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, json
+        sys.path.insert(0, {str(Path(__file__).parent)!r}); sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        import jax, numpy as np
+        import ace_jax as aj
+        from test_engine import _task, _data, _config
+        assert jax.local_device_count() == 2, jax.devices()
+        data = _data()
+        out = {{}}
+        for dp in (True, False):
+            r = aj.fit(_task(), data, data, data, "ace-resilient", _config(data_parallel=dp))
+            out[str(dp)] = [r.test["full"]["metric"], r.history[-1]["gamma"]["breaking/gamma"]]
+        print(json.dumps(out))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["True"], out["False"], rtol=1e-4, atol=1e-6)

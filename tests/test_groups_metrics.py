@@ -1,0 +1,73 @@
+"""Group samplers/actions and the equivariance metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ace_jax import (
+    c4_act,
+    c4_regular_act,
+    d4_act,
+    equivariance_bound,
+    equivariance_error,
+    random_orthogonal,
+    random_rotation,
+    rotate_points,
+    rotation_about_axis,
+)
+
+
+def test_random_rotations_are_uniform_rotations():
+    r = np.asarray(random_rotation(jax.random.PRNGKey(0), (4000,)))
+    np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(3), r.shape), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=1e-5)
+    # Haar measure: E[R] = 0 and E[R_ij²] = 1/3.
+    np.testing.assert_allclose(r.mean(0), 0.0, atol=0.04)
+    np.testing.assert_allclose((r**2).mean(0), 1 / 3, atol=0.03)
+
+
+def test_random_orthogonal_has_both_determinants():
+    det = np.linalg.det(np.asarray(random_orthogonal(jax.random.PRNGKey(1), (200,))))
+    np.testing.assert_allclose(np.abs(det), 1.0, atol=1e-5)
+    assert 60 < np.sum(det < 0) < 140
+
+
+def test_rotation_about_axis_fixes_the_axis():
+    r = rotation_about_axis(jnp.array(0.7), axis=1)
+    np.testing.assert_allclose(r @ jnp.array([0.0, 1.0, 0.0]), [0.0, 1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(rotation_about_axis(jnp.array(np.pi / 2), 2) @ jnp.array([1.0, 0, 0]), [0, 1, 0], atol=1e-6)
+    with pytest.raises(ValueError):
+        rotation_about_axis(jnp.array(0.1), axis=3)
+
+
+def test_c4_actions_are_group_actions():
+    img = jax.random.normal(jax.random.PRNGKey(0), (6, 6, 2))
+    feat = jax.random.normal(jax.random.PRNGKey(1), (6, 6, 4, 3))
+    for a in range(4):
+        for b in range(4):
+            np.testing.assert_array_equal(c4_act(c4_act(img, a), b), c4_act(img, a + b))
+            np.testing.assert_array_equal(c4_regular_act(c4_regular_act(feat, a), b), c4_regular_act(feat, a + b))
+    np.testing.assert_array_equal(c4_act(img, 4), img)
+    # a flip composed with itself is the identity
+    np.testing.assert_array_equal(d4_act(d4_act(img, 0, True), 0, True), img)
+    with pytest.raises(ValueError):
+        c4_regular_act(jnp.ones((6, 6, 3, 2)), 1)
+
+
+def test_equivariance_error_zero_for_equivariant_and_positive_otherwise():
+    x = jax.random.normal(jax.random.PRNGKey(0), (10, 3))
+    rots = list(random_rotation(jax.random.PRNGKey(1), (4,)))
+    act = lambda g, y: rotate_points(y, g)  # noqa: E731
+    equivariant = lambda y: y * jnp.linalg.norm(y, axis=-1, keepdims=True)  # noqa: E731
+    broken = lambda y: y + jnp.array([0.0, 0.0, 1.0])  # noqa: E731
+    assert float(equivariance_error(equivariant, x, rots, act, act)) < 1e-5
+    assert float(equivariance_error(broken, x, rots, act, act)) > 0.1
+    with pytest.raises(ValueError):
+        equivariance_error(equivariant, x, [], act, act)
+
+
+def test_equivariance_bound_recursion_by_hand():
+    # e1 = 0 + 0.5·(0 + 2) = 1; e2 = 1.5·1 + 0.1·(1.5·1 + 2) = 1.85
+    assert equivariance_bound([0.5, 0.1], lipschitz=1.5, branch_bound=2.0) == pytest.approx(1.85)
+    assert equivariance_bound([0.0, 0.0, 0.0], 2.0, 5.0) == 0.0

@@ -1,0 +1,92 @@
+"""Homotopic layers: γ in its own collection, projection skips the branch, spectral norm."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ace_jax import GAMMA, Homotopic, MLPBranch, SpectralDense, SymmetryBreaking, named_leaves, projected_variables, spectral_norm
+
+
+class Odd(nn.Module):
+    """Equivariant to the sign flip x → −x: a linear map without bias."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, use_bias=False)(x)
+
+
+def _layer(gamma_init=1.0):
+    return Homotopic(Odd(), MLPBranch(3, hidden=(8,)), gamma_init=gamma_init)
+
+
+def test_gamma_lives_in_its_own_collection():
+    v = _layer(0.7).init(jax.random.PRNGKey(0), jnp.ones(4))
+    assert set(v) == {"params", GAMMA}
+    assert named_leaves(v[GAMMA]) == {"breaking/gamma": pytest.approx(0.7)}
+    assert "gamma" not in str(jax.tree_util.tree_structure(v["params"]))
+
+
+def test_projection_builds_and_evaluates_no_branch():
+    layer = _layer()
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+    v_proj = layer.init(jax.random.PRNGKey(0), x, project=True)
+    assert GAMMA not in v_proj and "breaking" not in v_proj["params"]
+    v = layer.init(jax.random.PRNGKey(0), x)
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.full_like(a, jnp.nan) if "breaking" in jax.tree_util.keystr(p) else a, v
+    )
+    out = layer.apply(poisoned, x, project=True)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, layer.apply(v, x, project=True))
+    # projected_variables (γ = 0) gives the same function as project=True
+    np.testing.assert_allclose(layer.apply(projected_variables(v), x), out, atol=1e-6)
+
+
+def test_projection_is_equivariant_and_gamma_breaks_it():
+    layer = _layer()
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+    v = layer.init(jax.random.PRNGKey(0), x)
+    proj = lambda z: layer.apply(v, z, project=True)  # noqa: E731
+    full = lambda z: layer.apply(v, z)  # noqa: E731
+    np.testing.assert_allclose(proj(-x), -proj(x), atol=1e-6)
+    assert float(jnp.max(jnp.abs(full(-x) + full(x)))) > 1e-2
+
+
+def test_shape_mismatch_is_a_clear_error():
+    layer = Homotopic(Odd(), MLPBranch(2))
+    with pytest.raises(ValueError, match="branch output shape"):
+        layer.init(jax.random.PRNGKey(0), jnp.ones(4))
+
+
+def test_symmetry_breaking_scales_pytree_outputs():
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return {"a": x * 2.0, "b": x + 1.0}
+
+    sb = SymmetryBreaking(Two(), gamma_init=0.5)
+    v = sb.init(jax.random.PRNGKey(0), jnp.ones(2))
+    out = sb.apply(v, jnp.ones(2))
+    np.testing.assert_allclose(out["a"], [1.0, 1.0])
+    np.testing.assert_allclose(out["b"], [1.0, 1.0])
+
+
+def test_spectral_norm_matches_svd():
+    w = jax.random.normal(jax.random.PRNGKey(3), (16, 9))
+    sigma = np.linalg.svd(np.asarray(w), compute_uv=False)[0]
+    np.testing.assert_allclose(spectral_norm(w, 50), sigma, rtol=1e-4)
+    with pytest.raises(ValueError, match="2-D"):
+        spectral_norm(jnp.ones((2, 2, 2)))
+
+
+def test_spectral_dense_is_1_lipschitz():
+    layer = SpectralDense(12, num_iterations=30)
+    v = layer.init(jax.random.PRNGKey(0), jnp.ones(7))
+    kernel = v["params"]["kernel"]
+    normalised = kernel / spectral_norm(kernel, 30)
+    assert np.linalg.svd(np.asarray(normalised), compute_uv=False)[0] == pytest.approx(1.0, rel=1e-3)
+    x, y = jax.random.normal(jax.random.PRNGKey(1), (2, 7))
+    gap = jnp.linalg.norm(layer.apply(v, x) - layer.apply(v, y))
+    assert float(gap) <= float(jnp.linalg.norm(x - y)) * (1 + 1e-3)

@@ -1,0 +1,66 @@
+"""Primal–dual iterations converge to hand-derived KKT points on small problems."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ace_jax import Equality, Inequality, Resilient, dual_ascent, init_train_state, make_lagrangian, make_train_step, slack_descent
+
+
+def _run(loss, formulation, steps=3000, lr=0.05, gamma0=1.0):
+    variables = {"params": {"theta": jnp.array(0.0)}, "gamma": {"g": jnp.array(gamma0)}}
+    lagr = make_lagrangian(lambda v, ex, rng: loss(v["params"]["theta"], v["gamma"]["g"]), formulation)
+    primal, dual, slack = optax.sgd(lr), dual_ascent(lr, nonnegative=formulation.nonnegative_multipliers), slack_descent(lr)
+    state = init_train_state(variables, primal, dual, slack, formulation, learn_gamma=True)
+    step = jax.jit(make_train_step(lagr, primal, dual, slack, formulation, learn_gamma=True))
+    batch = {"dummy": jnp.zeros((1,))}
+    for _ in range(steps):
+        state, _ = step(state, batch, jax.random.PRNGKey(0))
+    return state
+
+
+def test_equality_converges_to_kkt_point():
+    # ℓ = ½(θ + γ − 2)² + ½(γ − 1)², γ = 0  ⇒  θ* = 2, and ∂ℓ/∂γ + λ = 0 ⇒ λ* = 1.
+    state = _run(lambda t, g: 0.5 * (t + g - 2) ** 2 + 0.5 * (g - 1) ** 2, Equality())
+    assert float(state.params["theta"]) == pytest.approx(2.0, abs=1e-3)
+    assert float(state.gamma["g"]) == pytest.approx(0.0, abs=1e-3)
+    assert float(state.multipliers["g"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_equality_multiplier_is_signed():
+    # ℓ = ½(γ + 1)²: pushing γ up to 0 needs λ* = −1 (negative: no projection for equalities).
+    state = _run(lambda t, g: 0.5 * t**2 + 0.5 * (g + 1) ** 2, Equality())
+    assert float(state.multipliers["g"]) == pytest.approx(-1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_resilient_converges_to_relaxed_kkt_point(alpha):
+    # min ½(θ−3)² + ½(γ−1)² + α/2 u²  s.t. |γ| ≤ u:  γ* = u* = 1/(1+α), λ* = α u* = α/(1+α).
+    state = _run(lambda t, g: 0.5 * (t - 3) ** 2 + 0.5 * (g - 1) ** 2, Resilient(alpha=alpha), steps=4000)
+    u_star = 1.0 / (1.0 + alpha)
+    assert float(state.params["theta"]) == pytest.approx(3.0, abs=1e-3)
+    assert float(state.gamma["g"]) == pytest.approx(u_star, abs=2e-3)
+    assert float(state.slacks["g"]) == pytest.approx(u_star, abs=2e-3)
+    assert float(state.multipliers["g"]) == pytest.approx(alpha * u_star, abs=2e-3)
+    assert float(state.multipliers["g"]) == pytest.approx(alpha * float(state.slacks["g"]), abs=1e-3)
+
+
+def test_inequality_is_inactive_when_unconstrained_optimum_is_feasible():
+    # ℓ = ½(γ − 0.1)², |γ| ≤ 0.5: optimum γ* = 0.1 strictly inside, so λ* = 0.
+    state = _run(lambda t, g: 0.5 * t**2 + 0.5 * (g - 0.1) ** 2, Inequality(epsilon=0.5), gamma0=0.0)
+    assert float(state.gamma["g"]) == pytest.approx(0.1, abs=1e-3)
+    assert float(state.multipliers["g"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lagrangian_value_and_constraints():
+    lagr = make_lagrangian(lambda v, ex, rng: ex["y"] * v["params"]["w"], Resilient(alpha=2.0))
+    value, aux = lagr(
+        {"w": jnp.array(2.0)}, {"g": jnp.array(-0.5)}, {"g": jnp.array(3.0)}, {"g": jnp.array(0.25)},
+        {"y": jnp.array([1.0, 3.0])}, jax.random.PRNGKey(0),
+    )
+    # mean loss 4 + α/2 u² = 0.0625 + λ(|γ| − u) = 3·0.25
+    np.testing.assert_allclose(aux.loss, 4.0)
+    np.testing.assert_allclose(aux.constraints["g"], 0.25)
+    np.testing.assert_allclose(value, 4.0 + 0.0625 + 0.75, rtol=1e-6)
