@@ -5,7 +5,7 @@ optax-style dual ascent, equivariance metrics and group samplers, and the traini
 """
 
 from ace_jax.dual import ascent, dual_ascent, project_nonnegative, slack_descent
-from ace_jax.engine import FitResult, NonFiniteError, Task, TrainConfig, fit, make_evaluator
+from ace_jax.engine import FitResult, NonFiniteError, Task, TrainConfig, fit, make_evaluator, make_trainer
 from ace_jax.formulations import Equality, Inequality, Resilient
 from ace_jax.groups import (
     C4_ELEMENTS,

@@ -72,7 +72,9 @@ class Task:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Settings of :func:`fit`. Learning rates must be positive; ``dual_optimizer`` is
-    ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code)."""
+    ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code).
+    ``optimizer`` replaces the default primal optimizer (Adam(learning_rate), with
+    ``grad_clip``/``weight_decay``) by any optax transform acting on params and γ."""
 
     epochs: int
     batch_size: int
@@ -94,6 +96,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     data_parallel: bool = True
+    optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -140,6 +143,8 @@ def _check_split(name: str, data: Dataset) -> int:
 
 
 def _primal_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer is not None:
+        return config.optimizer
     lr = config.lr_schedule if config.lr_schedule is not None else config.learning_rate
     parts = []
     if config.grad_clip is not None:
@@ -219,6 +224,47 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
     return evaluate
 
 
+# --------------------------------------------------------------------------- trainer
+
+
+def make_trainer(task: Task, method: Method | str, config: TrainConfig, init_key: jax.Array, train_key: jax.Array):
+    """Initial :class:`TrainState` and the jitted ``train_step(state, batch) -> (state, metrics)``.
+
+    The step's PRNG key is ``fold_in(train_key, state.step)``, so a resumed run draws the
+    same keys as an uninterrupted one. Used by :func:`fit` and by the benchmarks.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    variables = task.init(init_key, method.has_branches)
+    formulation = method.formulation
+    primal_tx = _primal_optimizer(config)
+    dual_tx = slack_tx = None
+    if formulation is not None:
+        nonneg = formulation.nonnegative_multipliers
+        dual_tx = (
+            dual_ascent(optimizer=optax.adam(config.dual_learning_rate), nonnegative=nonneg)
+            if config.dual_optimizer == "adam"
+            else dual_ascent(config.dual_learning_rate, nonnegative=nonneg)
+        )
+        slack_tx = slack_descent(config.slack_learning_rate or config.dual_learning_rate)
+    state = init_train_state(variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init)
+    if formulation is not None and not jax.tree.leaves(state.gamma):
+        raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
+
+    regularizer = None
+    if method.regularizer_weight > 0:
+        if task.regularizer is None:
+            raise ValueError(f"method {method.name!r} needs task.regularizer")
+        regularizer = lambda v, b, r: method.regularizer_weight * task.regularizer(v, b, r)  # noqa: E731
+    lagrangian = make_lagrangian(method_loss(task, method), formulation, regularizer=regularizer)
+    step_fn = make_train_step(lagrangian, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma)
+
+    @jax.jit
+    def train_step(state, batch):
+        return step_fn(state, batch, jax.random.fold_in(train_key, state.step))
+
+    return state, train_step
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -251,37 +297,9 @@ def fit(
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    # Model, optimizers, state.
-    key = jax.random.PRNGKey(config.seed)
-    init_key, train_key = jax.random.split(key)
-    variables = task.init(init_key, method.has_branches)
-    formulation = method.formulation
-    primal_tx = _primal_optimizer(config)
-    if formulation is not None:
-        nonneg = formulation.nonnegative_multipliers
-        dual_tx = (
-            dual_ascent(optimizer=optax.adam(config.dual_learning_rate), nonnegative=nonneg)
-            if config.dual_optimizer == "adam"
-            else dual_ascent(config.dual_learning_rate, nonnegative=nonneg)
-        )
-        slack_tx = slack_descent(config.slack_learning_rate or config.dual_learning_rate)
-    else:
-        dual_tx = slack_tx = None
-    state = init_train_state(variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init)
-    if formulation is not None and not jax.tree.leaves(state.gamma):
-        raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
-
-    regularizer = None
-    if method.regularizer_weight > 0:
-        if task.regularizer is None:
-            raise ValueError(f"method {method.name!r} needs task.regularizer")
-        regularizer = lambda v, b, r: method.regularizer_weight * task.regularizer(v, b, r)  # noqa: E731
-    lagrangian = make_lagrangian(method_loss(task, method), formulation, regularizer=regularizer)
-    step_fn = make_train_step(lagrangian, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma)
-
-    @jax.jit
-    def train_step(state, batch):
-        return step_fn(state, batch, jax.random.fold_in(train_key, state.step))
+    # Model, optimizers, state, and the jitted primal–dual step.
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    state, train_step = make_trainer(task, method, config, init_key, train_key)
 
     evaluate = make_evaluator(task, config.eval_batch_size, batch_sharding if len(devices) > 1 else None)
     # Vanilla has no branches: its "full" model is the projection itself.

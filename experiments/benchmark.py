@@ -1,0 +1,124 @@
+"""Jit-benchmark one training step per model and method (vanilla, ACE equality, ACE resilient).
+
+    python -m experiments.benchmark --out DIR [--models c4_cnn,segnn] [--steps 50] [--batch N]
+
+For each model and method the step built by :func:`ace_jax.engine.make_trainer` (the same
+program ``fit`` runs: vmapped loss, primal Adam, dual ascent, slack descent) is compiled, warmed
+up, then timed over ``--steps`` calls with ``block_until_ready``. Prints a table (with the ACE /
+vanilla step ratio) and writes DIR/benchmark.json: a list of records ``{"model", "method",
+"batch", "params", "compile_s", "step_ms_median", "step_ms_p90", "device"}``.
+
+Each model's study module provides ``benchmark_case(...) -> (Task, batch)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import jax
+import numpy as np
+
+from ace_jax import TrainConfig, make_trainer
+from experiments.common import markdown_table, write_json
+
+# model name -> (study module, extra positional args to benchmark_case before batch, default batch)
+MODELS = {
+    "c4_cnn": ("experiments.c4_toy", (), 32),
+    "segnn": ("experiments.nbody", ("segnn",), 100),
+    "egnn": ("experiments.nbody", ("egnn",), 100),
+    "egno": ("experiments.mocap", (), 12),
+    "schnet": ("experiments.qm9", ("schnet",), 100),
+    "segnn_qm9": ("experiments.qm9", ("segnn",), 32),
+    "vn_dgcnn": ("experiments.modelnet", (), 32),
+}
+METHODS = ("vanilla", "ace", "ace-resilient")
+
+
+def param_count(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def time_step(task, batch, method: str, steps: int, warmup: int = 5, seed: int = 0) -> dict:
+    """Compile and time the training step of ``task`` under ``method`` on one fixed ``batch``."""
+    config = TrainConfig(epochs=1, batch_size=1, progress=False)
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    state, train_step = make_trainer(task, method, config, init_key, train_key)
+    batch = jax.device_put(batch)
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t)
+    if not bool(metrics["finite"]):
+        raise FloatingPointError(f"{method}: the benchmarked step produced non-finite values")
+    times_ms = 1e3 * np.asarray(times)
+    return {
+        "params": param_count(state.params),
+        "compile_s": round(compile_s, 3),
+        "step_ms_median": round(float(np.median(times_ms)), 3),
+        "step_ms_p90": round(float(np.percentile(times_ms, 90)), 3),
+    }
+
+
+def load_case(model: str, batch: int | None):
+    module_name, args, default_batch = MODELS[model]
+    module = importlib.import_module(module_name)
+    size = batch or default_batch
+    task, data = module.benchmark_case(*args, size)
+    return task, data, size
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=50, help="timed steps after warm-up (>= 50 recommended)")
+    parser.add_argument("--batch", type=int, default=None, help="override every model's default batch")
+    args = parser.parse_args(argv)
+
+    models = args.models.split(",") if args.models else list(MODELS)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    methods = args.methods.split(",")
+    if any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods must be among {', '.join(METHODS)}")
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+
+    device = str(jax.devices()[0].device_kind)
+    records, rows = [], []
+    for model in models:
+        try:
+            task, batch, size = load_case(model, args.batch)
+        except (ImportError, AttributeError) as err:
+            if args.models:  # explicitly asked for: fail loudly
+                raise
+            print(f"skipping {model}: its study module is not available ({err})")
+            continue
+        base = None
+        for method in methods:
+            rec = {"model": model, "method": method, "batch": size, **time_step(task, batch, method, args.steps), "device": device}
+            records.append(rec)
+            if method == "vanilla":
+                base = rec["step_ms_median"]
+            ratio = f"{rec['step_ms_median'] / base:.2f}x" if base else "-"
+            rows.append([model, method, size, rec["params"], rec["compile_s"], rec["step_ms_median"], rec["step_ms_p90"], ratio])
+            print(f"{model:10s} {method:14s} median {rec['step_ms_median']:8.2f} ms  p90 {rec['step_ms_p90']:8.2f} ms  {ratio}", flush=True)
+    table = markdown_table(["model", "method", "batch", "params", "compile s", "median ms", "p90 ms", "vs vanilla"], rows)
+    print(f"\ndevice: {device}\n" + table)
+    write_json(f"{args.out}/benchmark.json", records)
+
+
+if __name__ == "__main__":
+    main()
