@@ -301,6 +301,16 @@ def fit(
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     state, train_step = make_trainer(task, method, config, init_key, train_key)
 
+    # The training split is staged on the devices once; each step gathers its batch there.
+    train_on_device = jax.device_put({k: np.asarray(v) for k, v in train.items()}, replicated)
+
+    @jax.jit
+    def indexed_step(state, data, idx):
+        batch = jax.tree.map(lambda a: a[idx], data)
+        if len(devices) > 1:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return train_step(state, batch)
+
     evaluate = make_evaluator(task, config.eval_batch_size, batch_sharding if len(devices) > 1 else None)
     # Vanilla has no branches: its "full" model is the projection itself.
     project_eval = {"projection": True, "full": not method.has_branches}
@@ -332,9 +342,8 @@ def fit(
         order = np.random.default_rng((config.seed, epoch)).permutation(n_train)
         losses = []
         for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            batch = jax.device_put({k: np.asarray(v)[idx] for k, v in train.items()}, batch_sharding)
-            state, metrics = train_step(state, batch)
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size].astype(np.int32)
+            state, metrics = indexed_step(state, train_on_device, idx)
             losses.append((metrics["loss"], metrics["lagrangian"]))
         bad = int(state.first_bad_step)
         if bad >= 0:
