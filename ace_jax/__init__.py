@@ -4,8 +4,8 @@ Homotopic layers ``f = f_eq + γ·g`` (γ in the ``"gamma"`` collection), the AC
 optax-style dual ascent, equivariance metrics and group samplers, and the training engine.
 """
 
-from ace_jax.dual import ascent, dual_ascent, project_nonnegative, slack_descent
-from ace_jax.engine import FitResult, NonFiniteError, Task, TrainConfig, fit, make_evaluator, make_trainer
+from ace_jax.dual import ascent, dual_ascent, project_nonnegative, proportional_term, slack_descent
+from ace_jax.engine import FitResult, NonFiniteError, Task, TrainConfig, build_step, fit, make_evaluator, make_trainer
 from ace_jax.formulations import Equality, Inequality, Resilient
 from ace_jax.groups import (
     C4_ELEMENTS,

@@ -62,11 +62,42 @@ def ascent(learning_rate, optimizer: optax.GradientTransformation | None = None)
     return optax.chain(optax.scale(-1.0), optimizer)
 
 
+class ProportionalState(NamedTuple):
+    """The previous constraint values c_{t−1} (zeros before the first step)."""
+
+    previous: Any
+
+
+def proportional_term(gain: float) -> optax.GradientTransformation:
+    """Add a proportional (PI-controller) term: ``g_t ↦ g_t + κ (g_t − g_{t−1})``.
+
+    Followed by plain ascent with rate η this gives, in closed form,
+    ``λ_{t+1} = η Σ_{s≤t} c_s + η κ c_t``: the integral of the constraint violation (the
+    classical multiplier) plus a term proportional to the current violation. The
+    proportional part damps the γ–λ oscillation that plain gradient ascent shows when the
+    loss is nearly flat in γ (a "PI" multiplier update, cf. Sohrabi et al., 2024).
+    ``gain = 0`` is plain ascent.
+    """
+    if gain < 0:
+        raise ValueError(f"proportional gain must be >= 0, got {gain}")
+
+    def init_fn(params):
+        return ProportionalState(previous=jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        new = jax.tree.map(lambda g, prev: g + gain * (g - prev), updates, state.previous)
+        return new, ProportionalState(previous=updates)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def dual_ascent(
     learning_rate: float | optax.Schedule | None = None,
     *,
     optimizer: optax.GradientTransformation | None = None,
     nonnegative: Any = False,
+    proportional: float = 0.0,
 ) -> optax.GradientTransformation:
     """Projected dual ascent on Lagrange multipliers.
 
@@ -75,6 +106,8 @@ def dual_ascent(
       optimizer: any optax optimizer to use instead of plain ascent; it receives −∇_λ L.
       nonnegative: project onto λ ≥ 0 — True for inequality/resilient multipliers,
         False for equalities, or a tree of bools for a mix.
+      proportional: gain κ of an added proportional term (see :func:`proportional_term`);
+        0 (default) is the paper's plain ascent.
 
     Example::
 
@@ -85,7 +118,8 @@ def dual_ascent(
     """
     if optimizer is None and learning_rate is None:
         raise ValueError("dual_ascent: give a learning_rate or an optimizer")
-    parts = [ascent(learning_rate, optimizer)]
+    parts = [proportional_term(proportional)] if proportional else []
+    parts.append(ascent(learning_rate, optimizer))
     if nonnegative is not False:
         parts.append(project_nonnegative(nonnegative))
     return optax.chain(*parts)

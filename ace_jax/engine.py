@@ -72,7 +72,8 @@ class Task:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Settings of :func:`fit`. Learning rates must be positive; ``dual_optimizer`` is
-    ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code).
+    ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code);
+    ``dual_proportional`` > 0 adds a damping proportional term to the dual update.
     ``optimizer`` replaces the default primal optimizer (Adam(learning_rate), with
     ``grad_clip``/``weight_decay``) by any optax transform acting on params and γ."""
 
@@ -82,6 +83,7 @@ class TrainConfig:
     dual_learning_rate: float = 1e-3
     slack_learning_rate: float | None = None
     dual_optimizer: str = "ascent"
+    dual_proportional: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float | None = None
     lr_schedule: Callable[[int], float] | None = None
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
+        if self.dual_proportional < 0:
+            raise ValueError(f"dual_proportional must be >= 0, got {self.dual_proportional}")
         if self.weight_decay < 0:
             raise ValueError("weight_decay must be >= 0")
 
@@ -133,7 +137,8 @@ class FitResult(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_split(name: str, data: Dataset) -> int:
+def check_split(name: str, data: Dataset) -> int:
+    """Number of examples in a split; raises if its arrays disagree on the leading axis."""
     if not data:
         raise ValueError(f"{name} split is empty")
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
@@ -206,7 +211,7 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
         return {k: jnp.sum(v * weights) for k, v in values.items()}
 
     def evaluate(variables, data: Dataset, project: bool) -> dict:
-        n = _check_split("eval", data)
+        n = check_split("eval", data)
         totals: dict = {}
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
@@ -227,28 +232,35 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
 # --------------------------------------------------------------------------- trainer
 
 
-def make_trainer(task: Task, method: Method | str, config: TrainConfig, init_key: jax.Array, train_key: jax.Array):
-    """Initial :class:`TrainState` and the jitted ``train_step(state, batch) -> (state, metrics)``.
+def build_step(task: Task, method: Method | str, config: TrainConfig):
+    """The pieces of training, unjitted: ``(init_state, step)``.
 
-    The step's PRNG key is ``fold_in(train_key, state.step)``, so a resumed run draws the
-    same keys as an uninterrupted one. Used by :func:`fit` and by the benchmarks.
+    ``init_state(init_key) -> TrainState`` initialises the model (λ = 0, u = slack_init)
+    and the optimizer states; ``step(state, batch, rng) -> (state, metrics)`` is one pure
+    primal–dual step. :func:`make_trainer` jits it; vmapping it over stacked states trains
+    several seeds in one program.
     """
     method = get_method(method) if isinstance(method, str) else method
-    variables = task.init(init_key, method.has_branches)
     formulation = method.formulation
     primal_tx = _primal_optimizer(config)
     dual_tx = slack_tx = None
     if formulation is not None:
-        nonneg = formulation.nonnegative_multipliers
-        dual_tx = (
-            dual_ascent(optimizer=optax.adam(config.dual_learning_rate), nonnegative=nonneg)
-            if config.dual_optimizer == "adam"
-            else dual_ascent(config.dual_learning_rate, nonnegative=nonneg)
+        dual_tx = dual_ascent(
+            config.dual_learning_rate,
+            optimizer=optax.adam(config.dual_learning_rate) if config.dual_optimizer == "adam" else None,
+            nonnegative=formulation.nonnegative_multipliers,
+            proportional=config.dual_proportional,
         )
         slack_tx = slack_descent(config.slack_learning_rate or config.dual_learning_rate)
-    state = init_train_state(variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init)
-    if formulation is not None and not jax.tree.leaves(state.gamma):
-        raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
+
+    def init_state(init_key: jax.Array) -> TrainState:
+        variables = task.init(init_key, method.has_branches)
+        state = init_train_state(
+            variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init
+        )
+        if formulation is not None and not jax.tree.leaves(state.gamma):
+            raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
+        return state
 
     regularizer = None
     if method.regularizer_weight > 0:
@@ -256,13 +268,23 @@ def make_trainer(task: Task, method: Method | str, config: TrainConfig, init_key
             raise ValueError(f"method {method.name!r} needs task.regularizer")
         regularizer = lambda v, b, r: method.regularizer_weight * task.regularizer(v, b, r)  # noqa: E731
     lagrangian = make_lagrangian(method_loss(task, method), formulation, regularizer=regularizer)
-    step_fn = make_train_step(lagrangian, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma)
+    step = make_train_step(lagrangian, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma)
+    return init_state, step
+
+
+def make_trainer(task: Task, method: Method | str, config: TrainConfig, init_key: jax.Array, train_key: jax.Array):
+    """Initial :class:`TrainState` and the jitted ``train_step(state, batch) -> (state, metrics)``.
+
+    The step's PRNG key is ``fold_in(train_key, state.step)``, so a resumed run draws the
+    same keys as an uninterrupted one. Used by :func:`fit` and by the benchmarks.
+    """
+    init_state, step_fn = build_step(task, method, config)
 
     @jax.jit
     def train_step(state, batch):
         return step_fn(state, batch, jax.random.fold_in(train_key, state.step))
 
-    return state, train_step
+    return init_state(init_key), train_step
 
 
 # --------------------------------------------------------------------------- fit
@@ -279,10 +301,10 @@ def fit(
     """Train ``task`` with ``method`` (a :class:`Method` or its name); see the module doc."""
     t_start = time.perf_counter()
     method = get_method(method) if isinstance(method, str) else method
-    n_train = _check_split("train", train)
-    _check_split("val", val)
+    n_train = check_split("train", train)
+    check_split("val", val)
     if test is not None:
-        _check_split("test", test)
+        check_split("test", test)
     if n_train < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
 

@@ -81,3 +81,37 @@ def test_projection_needs_params_and_rates_must_be_positive():
         slack_descent(0.0)
     with pytest.raises(ValueError):
         dual_ascent()
+
+
+def test_proportional_term_closed_form():
+    # λ_{t+1} = η Σ_{s≤t} c_s + η κ c_t for plain ascent with a proportional term.
+    eta, kappa = 0.1, 3.0
+    tx = dual_ascent(eta, proportional=kappa)
+    lam = jnp.zeros(())
+    state = tx.init(lam)
+    cs = [0.5, -0.2, 0.7, 0.1]
+    for t, c in enumerate(cs):
+        upd, state = tx.update(jnp.asarray(c), state, lam)
+        lam = optax.apply_updates(lam, upd)
+        np.testing.assert_allclose(lam, eta * sum(cs[: t + 1]) + eta * kappa * c, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="gain"):
+        dual_ascent(0.1, proportional=-1.0)
+
+
+def test_proportional_term_damps_the_bang_bang_oscillation():
+    # Adam on γ with a loss flat in γ: plain ascent oscillates forever; the PI update settles.
+    def run(kappa):
+        gamma, lam = jnp.array(1.0), jnp.array(0.0)
+        ptx, dtx = optax.adam(0.01), dual_ascent(0.01, proportional=kappa)
+        ps, ds = ptx.init(gamma), dtx.init(lam)
+        late = []
+        for t in range(3000):
+            upd, ps = ptx.update(lam, ps, gamma)  # ∂L/∂γ = λ (ℓ flat in γ)
+            dupd, ds = dtx.update(gamma, ds, lam)  # ∇_λ L = γ
+            gamma, lam = optax.apply_updates(gamma, upd), optax.apply_updates(lam, dupd)
+            if t >= 2500:
+                late.append(abs(float(gamma)))
+        return max(late)
+
+    assert run(0.0) > 0.3
+    assert run(50.0) < 0.05

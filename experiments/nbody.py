@@ -1,0 +1,341 @@
+"""The charged N-body study (ACE paper, Table 2 left): SEGNN / EGNN trained with each method.
+
+Task: positions x and velocities v of 5 charged particles at frame 30 → positions at frame 40
+(``data.nbody.load_task``). Loss and metric: MSE over particles and coordinates,
+``mean_{i,d} (f(x, v, q)_{id} − y_{id})²``. Every run is evaluated as the projection (γ = 0)
+and as the full model; test numbers are those of the epoch selected on validation.
+
+Methods (``ace_jax.get_method``) and how the task supports them:
+
+- ``vanilla``, ``ace``, ``ace-resilient``: as in the engine. Model selection on the
+  projection, except ``ace-resilient`` (its deployed model is the partially equivariant
+  full model; the paper reports both).
+- ``unconstrained``: γ free, random O(3) augmentation (``Task.transform``: one Haar-random
+  orthogonal Q per example acting on loc, vel and target, ``x ↦ x Qᵀ``; rotation about the
+  origin is a symmetry of the E = 0 physics, translations need no augmentation because both
+  models are translation-equivariant). Selected on the full model.
+- ``penalty`` (REMUL-style): ℓ(x) + ℓ(Q·x, Q·y) with the same transform. Selected on full.
+- ``scheduled`` (Pertigkiozoglou et al. 2024): γ follows the triangle schedule and
+  ``Task.regularizer`` adds, with the method's weight (0.01),
+
+      R = sqrt(mean_n ‖L_A f(x_n)‖²) + sqrt(mean_n ‖f(x_n; γ) − f(x_n; 0)‖²)
+
+  where f(x_n; γ) − f(x_n; 0) is the total contribution of the branches to the output and
+  L_A f(x) = d/dt R_t⁻¹ f(R_t x)|_{t=0} = J_f(x)[x Aᵀ, v Aᵀ] + f(x) A is the Lie derivative
+  along A = [a]_× (a a random unit axis per example; R_t = exp(tA)), computed exactly with
+  one ``jax.jvp``. Since the projection is equivariant, L_A f(·; γ) = L_A (f(·; γ) − f(·; 0)):
+  it is the Lie derivative of the branch contribution. Both terms are network-level (they
+  need no knowledge of the branches' internal representations, so the same code serves
+  SEGNN and EGNN); means over the batch keep them independent of the batch size, and a
+  1e-12 inside each square root keeps the gradient finite where the branches vanish
+  (γ = 0 at the start and end of the schedule).
+
+CLI::
+
+    python -m experiments.nbody --preset quick|paper --out DIR [--model segnn|egnn]
+        [--methods a,b] [--seeds N] [--epochs N] [--train-size N] [--field E]
+        [--dual-optimizer ascent|adam] [--dual-proportional K] [--vmap-seeds] [--spectral-branch auto|on|off]
+        [--cache-dir DIR] [--seed S] [--no-progress]
+
+Writes DIR/results.json (schema in :func:`method_summary`), DIR/table.md, DIR/val_curves.png,
+DIR/trajectories_<method>.png (γ/λ/u of the first seed) and per run DIR/<method>/seed<k>/
+(engine log.jsonl + checkpoint; rerunning into the same DIR resumes finished epochs). With
+``--vmap-seeds`` (experiments/vmapped_seeds.py) all seeds of a method train in one compiled
+program; only log.jsonl is written per seed (no checkpoint/resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ace_jax
+from ace_jax import Task, TrainConfig, random_orthogonal
+from experiments.common import add_study_args, fmt, markdown_table, parse_list, summarize, write_json
+from experiments.plotting import plot_curves, plot_trajectories
+from experiments.vmapped_seeds import fit_seeds_vmapped
+
+METHODS = ("vanilla", "ace", "ace-resilient", "unconstrained", "scheduled", "penalty")
+MODELS = ("segnn", "egnn")
+METRIC = "mse"
+# Which model each method deploys (selection and the table's headline column).
+SELECT_ON = {
+    "vanilla": "projection",
+    "ace": "projection",
+    "scheduled": "projection",
+    "ace-resilient": "full",
+    "unconstrained": "full",
+    "penalty": "full",
+}
+METHOD_LABELS = {
+    "vanilla": "{model}",
+    "ace": "{model} + ACE",
+    "ace-resilient": "{model} + ACE (resilient)",
+    "unconstrained": "{model} non-equivariant + augmentation",
+    "scheduled": "{model} + scheduled relaxation",
+    "penalty": "{model} + penalty (REMUL)",
+}
+
+PRESETS = {
+    # Smoke size: a few minutes on a laptop CPU for vanilla + ace (800 steps each).
+    # ACE needs on the order of 1/learning_rate steps to bring γ from 1 to 0 (Adam moves γ
+    # by ~lr per step), hence the larger rates and smaller batches than the paper's.
+    "quick": dict(
+        train_size=500, val_size=200, test_size=200, epochs=80, batch_size=50,
+        learning_rate=3e-3, dual_learning_rate=3e-3, eval_every=2, seeds=1, methods=("vanilla", "ace"),
+    ),
+    # The paper's protocol (SEGNN N-body): 3000 / 2000 / 2000, batch 100, Adam 9e-4, dual 8e-4.
+    "paper": dict(
+        train_size=3000, val_size=2000, test_size=2000, epochs=2000, batch_size=100,
+        learning_rate=9e-4, dual_learning_rate=8e-4, eval_every=5, seeds=3, methods=METHODS,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- model and task
+
+
+def make_model(model_name: str, spectral_branch: bool = False, gamma_init: float = 1.0):
+    """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py)."""
+    if model_name == "egnn":
+        from models.egnn import EGNN
+
+        return EGNN(hidden=64, num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init)
+    if model_name == "segnn":
+        try:
+            from models.segnn import SEGNN
+        except ImportError as err:
+            raise ValueError(f"model 'segnn' is not available ({err}); use --model egnn") from err
+        return SEGNN(num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init)
+    raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
+
+
+def rotate_example(rng: jax.Array, example: dict) -> dict:
+    """A Haar-random Q ∈ O(3) acting on loc, vel and target (``x ↦ x Qᵀ``); charges unchanged."""
+    q = random_orthogonal(rng)
+    out = dict(example)
+    for key in ("loc", "vel", "target"):
+        out[key] = example[key] @ q.T
+    return out
+
+
+def random_generator(rng: jax.Array) -> jax.Array:
+    """A = [a]_× for a uniformly random unit axis a: the generator of rotations about a."""
+    a = jax.random.normal(rng, (3,))
+    a = a / jnp.linalg.norm(a)
+    zero = jnp.zeros(())
+    return jnp.array([[zero, -a[2], a[1]], [a[2], zero, -a[0]], [-a[1], a[0], zero]])
+
+
+def make_lie_regularizer(predict):
+    """Scheduled relaxation's penalty R(variables, batch, rng) (module doc); ``predict(v, ex, project)``."""
+
+    def per_example(variables, example, rng):
+        gen = random_generator(rng)
+
+        def full(loc, vel):
+            return predict(variables, {**example, "loc": loc, "vel": vel}, False)
+
+        out, tangent = jax.jvp(full, (example["loc"], example["vel"]), (example["loc"] @ gen.T, example["vel"] @ gen.T))
+        lie = tangent + out @ gen  # d/dt R_t^{-1} f(R_t x) at t = 0 (row vectors: R^{-1} y = y R)
+        contribution = out - predict(variables, example, True)
+        return jnp.sum(lie**2), jnp.sum(contribution**2)
+
+    def regularizer(variables, batch, rng):
+        size = batch["loc"].shape[0]
+        lie_sq, branch_sq = jax.vmap(per_example, in_axes=(None, 0, 0))(variables, batch, jax.random.split(rng, size))
+        return jnp.sqrt(jnp.mean(lie_sq) + 1e-12) + jnp.sqrt(jnp.mean(branch_sq) + 1e-12)
+
+    return regularizer
+
+
+def make_task(model, example: dict) -> Task:
+    """The engine's Task for an N-body model; ``example`` (one graph) fixes the input shapes."""
+    for key in ("loc", "vel", "charges", "target"):
+        if key not in example:
+            raise ValueError(f"N-body example lacks {key!r}; has {sorted(example)}")
+
+    def predict(variables, ex, project):
+        return model.apply(variables, ex["loc"], ex["vel"], ex["charges"], project=project)
+
+    # Jitted (one program per has_branches): eager init of a 4-layer model is slow on CPU.
+    inits = {has: jax.jit(partial(model.init, project=not has)) for has in (True, False)}
+
+    def init(rng, has_branches):
+        return inits[bool(has_branches)](rng, example["loc"], example["vel"], example["charges"])
+
+    def loss(variables, ex, rng, project):
+        del rng
+        return jnp.mean((predict(variables, ex, project) - ex["target"]) ** 2)
+
+    def metric(variables, ex, project):
+        return {METRIC: loss(variables, ex, None, project)}
+
+    return Task(init=init, loss=loss, metric=metric, transform=rotate_example,
+                regularizer=make_lie_regularizer(predict))
+
+
+def benchmark_case(model_name: str, batch: int, seed: int = 0):
+    """``(Task, batch_dict)`` for timing one train step: the N-body task of ``model_name`` and
+    ``batch`` random but plausible graphs (no data generation): positions ~ N(0, 1.5²),
+    velocities of speed ~0.5–1, charges ±1, target = loc + vel (all float32, shapes
+    loc/vel/target (batch, 5, 3), charges (batch, 5, 1))."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    rng = np.random.default_rng(seed)
+    loc = 1.5 * rng.standard_normal((batch, 5, 3))
+    vel = rng.standard_normal((batch, 5, 3))
+    vel *= rng.uniform(0.5, 1.0, (batch, 5, 1)) / np.linalg.norm(vel, axis=-1, keepdims=True)
+    charges = rng.choice([-1.0, 1.0], (batch, 5, 1))
+    data = {"loc": loc, "vel": vel, "charges": charges, "target": loc + vel}
+    data = {k: v.astype(np.float32) for k, v in data.items()}
+    task = make_task(make_model(model_name), {k: v[0] for k, v in data.items()})
+    return task, data
+
+
+# --------------------------------------------------------------------------- study
+
+
+def load_splits(train_size: int, val_size: int, test_size: int, field: float, cache_dir=None) -> dict:
+    """train / val / test dicts from ``data.nbody.load_task`` (first call generates the set)."""
+    from data.nbody import load_task
+
+    return {
+        "train": load_task("train", num=train_size, field=field, cache_dir=cache_dir),
+        "val": load_task("valid", num=val_size, field=field, cache_dir=cache_dir),
+        "test": load_task("test", num=test_size, field=field, cache_dir=cache_dir),
+    }
+
+
+def method_summary(results, seeds) -> dict:
+    """One method's entry of results.json from its per-seed ``FitResult``s."""
+    return {
+        "test_mse_projection": summarize([r.test["projection"][METRIC] for r in results]),
+        "test_mse_full": summarize([r.test["full"][METRIC] for r in results]),
+        "best_epoch": [int(r.best_epoch) for r in results],
+        "seeds": [int(s) for s in seeds],
+        "final_gammas": [r.history[-1]["gamma"] for r in results],
+        "final_multipliers": [r.history[-1]["multiplier"] for r in results],
+        "final_slacks": [r.history[-1]["slack"] for r in results],
+    }
+
+
+def render_table(model_name: str, summaries: dict, config: dict) -> str:
+    """Markdown table in the style of the paper's Table 2 (left): test MSE per method."""
+    label = model_name.upper()
+    rows = []
+    for name, entry in summaries.items():
+        deployed = SELECT_ON[name]
+        rows.append([
+            METHOD_LABELS[name].format(model=label),
+            fmt(entry["test_mse_projection"]),
+            fmt(entry["test_mse_full"]),
+            deployed,
+            ", ".join(str(e) for e in entry["best_epoch"]),
+            f"{entry['wall_s']:.0f}",
+        ])
+    header = ["Method", "Test MSE (projection)", "Test MSE (full)", "Selected on", "Best epoch", "Wall s"]
+    intro = (
+        f"N-body (charged, 5 particles), {config['train_size']} train / {config['val_size']} val / "
+        f"{config['test_size']} test, field E = {config['field']}, {config['epochs']} epochs, "
+        f"seeds {config['seeds']}; mean ± std over seeds.\n\n"
+    )
+    return intro + markdown_table(header, rows)
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    """Run every requested method and write results.json, table.md and the plots."""
+    preset = PRESETS[args.preset]
+    methods = parse_list(args.methods, METHODS, "methods") if args.methods else list(preset["methods"])
+    num_seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    epochs = args.epochs if args.epochs is not None else preset["epochs"]
+    train_size = args.train_size if args.train_size is not None else preset["train_size"]
+    if num_seeds < 1 or epochs < 1 or train_size < 1:
+        raise ValueError(f"--seeds, --epochs and --train-size must be >= 1, got {num_seeds}, {epochs}, {train_size}")
+    seeds = [args.seed + k for k in range(num_seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    splits = load_splits(train_size, preset["val_size"], preset["test_size"], args.field, args.cache_dir)
+    example = {k: v[0] for k, v in splits["train"].items()}
+    config_record = {
+        "preset": args.preset, "model": args.model, "methods": methods, "seeds": seeds, "epochs": epochs,
+        "train_size": len(splits["train"]["loc"]), "val_size": len(splits["val"]["loc"]),
+        "test_size": len(splits["test"]["loc"]), "field": args.field, "batch_size": preset["batch_size"],
+        "learning_rate": preset["learning_rate"], "dual_learning_rate": preset["dual_learning_rate"],
+        "dual_optimizer": args.dual_optimizer, "dual_proportional": args.dual_proportional, "eval_every": preset["eval_every"],
+        "spectral_branch": args.spectral_branch, "vmap_seeds": args.vmap_seeds,
+        "select_on": {m: SELECT_ON[m] for m in methods}, "metric": f"test {METRIC} on positions",
+        "device": jax.devices()[0].platform,
+    }
+
+    summaries, histories = {}, {}
+    for name in methods:
+        spectral = args.spectral_branch == "on" or (args.spectral_branch == "auto" and name == "ace-resilient")
+        task = make_task(make_model(args.model, spectral_branch=spectral), example)
+        config = TrainConfig(
+            epochs=epochs, batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
+            dual_learning_rate=preset["dual_learning_rate"], dual_optimizer=args.dual_optimizer,
+            dual_proportional=args.dual_proportional, eval_every=preset["eval_every"], select_on=SELECT_ON[name], select_metric=METRIC,
+            progress=not args.no_progress,
+        )
+        t0 = time.perf_counter()
+        run_dirs = [out / name / f"seed{s}" for s in seeds]
+        if args.vmap_seeds:
+            results = fit_seeds_vmapped(task, splits["train"], splits["val"], splits["test"], name, config, seeds,
+                                        out_dirs=run_dirs)
+        else:
+            results = [
+                ace_jax.fit(task, splits["train"], splits["val"], splits["test"], name,
+                            dataclasses.replace(config, seed=s, out_dir=str(d)))
+                for s, d in zip(seeds, run_dirs)
+            ]
+        entry = method_summary(results, seeds)
+        entry["wall_s"] = time.perf_counter() - t0
+        summaries[name], histories[name] = entry, results[0].history
+        plot_trajectories(results[0].history, out / f"trajectories_{name}.png",
+                          f"{args.model.upper()} {name}: γ, λ, u (seed {seeds[0]})")
+        print(f"{name}: projection {fmt(entry['test_mse_projection'])}, full {fmt(entry['test_mse_full'])}, "
+              f"{entry['wall_s']:.0f} s", flush=True)
+
+    results_json = {"config": config_record, "methods": summaries}
+    write_json(out / "results.json", results_json)
+    plot_curves(histories, out / "val_curves.png", METRIC, f"N-body {args.model.upper()}: validation MSE")
+    (out / "table.md").write_text(render_table(args.model, summaries, config_record))
+    return results_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.nbody", description=__doc__.split("\n")[0])
+    add_study_args(parser, PRESETS)
+    parser.add_argument("--model", choices=MODELS, default="segnn")
+    parser.add_argument("--train-size", type=int, default=None, help="training trajectories (default: preset)")
+    parser.add_argument("--field", type=float, default=0.0, help="external field E along z (0 = standard set)")
+    parser.add_argument("--dual-optimizer", choices=("ascent", "adam"), default="ascent")
+    parser.add_argument("--dual-proportional", type=float, default=0.0,
+                        help="gain of the proportional (damping) term of the dual update; 0 = plain ascent")
+    parser.add_argument("--vmap-seeds", action="store_true", help="train all seeds of a method in one program")
+    parser.add_argument("--spectral-branch", choices=("auto", "on", "off"), default="auto",
+                        help="spectrally normalised branches (auto: only for ace-resilient)")
+    parser.add_argument("--cache-dir", default=None, help="N-body data cache (default ~/.cache/ace_jax/nbody)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    results = run_study(args)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,622 @@
+"""QM9 study: SchNet (and SEGNN) with and without ACE on the real QM9, padded graphs under jit.
+
+    python -m experiments.qm9 --preset quick --out runs/qm9_quick
+    python -m experiments.qm9 --preset paper --out runs/qm9_schnet --model schnet
+    python -m experiments.qm9 --preset quick --out /tmp/q --csv tests/fixtures/qm9_tiny.csv --epochs 1
+
+One model per target (the usual QM9 protocol). Writes ``DIR/results.json``::
+
+    {"config": {...}, "model": "schnet",
+     "targets": {TARGET: {METHOD: {"test_mae_projection": {"mean", "std"},
+                                   "test_mae_full": {"mean", "std"}, "unit": "eV"}}}}
+
+(mean/std over seeds of the test MAE in the target's unit, per real molecule), ``DIR/table.md``
+(targets × methods, like Table 2 of the ACE paper), γ/λ/u trajectory plots under
+``DIR/trajectories/`` and per-run details (per-seed values, best epoch, seconds) in
+``DIR/runs.json``; each run's log.jsonl and checkpoint lie under ``DIR/runs/`` (resumable).
+
+How graph batches meet the engine
+---------------------------------
+The engine vmaps a per-example loss over a leading axis. Here one engine *example* is one
+whole pre-built padded ``GraphBatch`` of up to ``molecules_per_example`` molecules; a split is
+those batches stacked along a new leading axis, all padded to ONE (N_pad, E_pad) budget (the
+largest real batch of the run, rounded up with ``pad_budget``) so a single program is
+compiled. Each split's molecules are cut into K = ⌈M / molecules_per_example⌉ groups of
+nearly equal size (``np.array_split``: sizes differ by at most one). The groups are fixed for
+the whole run; the engine reshuffles the order of the groups every epoch and takes
+``examples_per_step`` of them per optimiser step (so a step sees
+``examples_per_step · molecules_per_example`` molecules).
+
+* Training loss of an example: mean over its real molecules of |ŷ − (y − mean)/MAD| (L1 on
+  the normalised target; mean and MAD from the training molecules). The example dict carries
+  ``weight`` = its molecule count, which the engine's Lagrangian uses to weight examples,
+  so a step's loss is the mean over all molecules of the step.
+* Metric (exact per-molecule MAE): an example returns
+  ``mae = MAD · Σ_real |ŷ − ỹ| · K / M`` (``metric_scale`` = K / M is stored in the split), so
+  the engine's plain average over the K examples, (1/K) Σ_k, equals
+  (1/M) Σ_molecules |error|, the MAE in the target's unit. ``abs_error_sum`` and
+  ``molecules`` are reported as well (their ratio of means is the same MAE).
+
+Targets U0, U, H and G are trained as atomization energies (atom reference energies
+subtracted, ``data.qm9.subtract_atom_references``); this changes nothing in the MAE (the
+references are a fixed function of the composition) but keeps the regression well scaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ace_jax
+from data.graphs import compute_neighbor_lists, make_batch, pad_budget
+from data.qm9 import (
+    TARGET_NAMES,
+    TARGETS,
+    cormorant_split,
+    load_qm9,
+    parse_csv,
+    random_split,
+    subtract_atom_references,
+    target_column,
+    target_stats,
+)
+from experiments.common import add_study_args, fmt, markdown_table, parse_list, summarize, write_json
+from experiments.plotting import plot_curves, plot_trajectories
+from models.schnet import GRAPH_FIELDS, SchNet
+
+MODELS = ("schnet", "segnn")
+STUDY_METHODS = ("vanilla", "ace", "ace-resilient", "ace-inequality", "unconstrained", "penalty")
+"""Methods this study supports ("scheduled" needs a Lie-derivative regulariser not written for QM9)."""
+
+FIXTURE_CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qm9_tiny.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class QM9Settings:
+    """Everything that fixes one study configuration (model + budget).
+
+    Attributes:
+      num_molecules: molecules drawn (seeded) from QM9 before splitting; None = all.
+      split: "random" (80/10/10, ``random_split``) or "cormorant" (``cormorant_split``).
+      epochs, learning_rate, dual_learning_rate: optimisation (Adam primal, plain dual ascent).
+      lr_decay_at: fractions of the training steps at which the learning rate is × 0.1.
+      molecules_per_example: molecules in one padded graph batch (one engine example).
+      examples_per_step: engine examples per optimiser step.
+      cutoff: radius-graph cutoff in Å.
+      targets, methods, seeds: defaults of the CLI options.
+      features, num_interactions: SchNet width and interaction blocks (64 and 6 in the paper);
+        for SEGNN the hidden scalar width that sets the weight-balanced irreps (128) and the
+        message-passing layers (5).
+    """
+
+    num_molecules: int | None
+    split: str
+    epochs: int
+    learning_rate: float
+    dual_learning_rate: float
+    lr_decay_at: tuple[float, ...]
+    molecules_per_example: int
+    examples_per_step: int
+    cutoff: float
+    targets: tuple[str, ...]
+    methods: tuple[str, ...] = ("vanilla", "ace")
+    seeds: int = 1
+    features: int = 64
+    num_interactions: int = 6
+
+    def __post_init__(self):
+        for name in ("epochs", "molecules_per_example", "examples_per_step", "features", "num_interactions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_molecules is not None and self.num_molecules < 1:
+            raise ValueError(f"num_molecules must be >= 1 or None, got {self.num_molecules}")
+        if self.split not in ("random", "cormorant"):
+            raise ValueError(f"split must be 'random' or 'cormorant', got {self.split!r}")
+        if any(not 0 < f < 1 for f in self.lr_decay_at):
+            raise ValueError(f"lr_decay_at fractions must lie in (0, 1), got {self.lr_decay_at}")
+
+    @property
+    def molecules_per_step(self) -> int:
+        return self.molecules_per_example * self.examples_per_step
+
+
+PRESETS: dict[str, dict[str, QM9Settings]] = {
+    "quick": {
+        # a smoke test that finishes in minutes on 2 CPU cores: half-width, half-depth SchNet
+        # (1000 steps of 16 molecules; dual step 1e-2 so that γ can reach 0 within those steps)
+        "schnet": QM9Settings(
+            num_molecules=2000, split="random", epochs=10, learning_rate=1e-3, dual_learning_rate=1e-2,
+            lr_decay_at=(), molecules_per_example=16, examples_per_step=1, cutoff=10.0,
+            targets=("homo", "zpve"), features=32, num_interactions=3,
+        ),
+        "segnn": QM9Settings(
+            num_molecules=1000, split="cormorant", epochs=10, learning_rate=6e-4, dual_learning_rate=1e-2,
+            lr_decay_at=(0.8, 0.9), molecules_per_example=16, examples_per_step=1, cutoff=2.0,
+            targets=("homo", "zpve"), features=32, num_interactions=2,
+        ),
+    },
+    "paper": {
+        # ACE paper, SchNet on QM9: batch 256, Adam 1e-3, dual 1e-3, 1000 epochs, random 80/10/10.
+        "schnet": QM9Settings(
+            num_molecules=None, split="random", epochs=1000, learning_rate=1e-3, dual_learning_rate=1e-3,
+            lr_decay_at=(), molecules_per_example=64, examples_per_step=4, cutoff=10.0, targets=TARGET_NAMES,
+        ),
+        # SEGNN on QM9: batch 1024, Adam 6e-4, dual 1e-2, 600 epochs, ×0.1 at 80 % and 90 %, Cormorant split.
+        "segnn": QM9Settings(
+            num_molecules=None, split="cormorant", epochs=600, learning_rate=6e-4, dual_learning_rate=1e-2,
+            lr_decay_at=(0.8, 0.9), molecules_per_example=128, examples_per_step=8, cutoff=2.0,
+            targets=TARGET_NAMES, features=128, num_interactions=5,
+        ),
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(model_name: str, settings: QM9Settings):
+    """The flax module for ``model_name`` ("schnet" or "segnn") as ``settings`` describe it.
+
+    SchNet: ``settings.features`` features and filters, ``settings.num_interactions`` blocks,
+    50 Gaussians, cosine cutoff at ``settings.cutoff``, sum pooling, one ACE branch per block.
+    SEGNN: hidden irreps weight-balanced to ``settings.features`` scalars with l ≤ 2, attributes
+    l ≤ 3, ``settings.num_interactions`` layers, instance norm, mean pooling, 2 ACE branches
+    per layer.
+    """
+    if model_name == "schnet":
+        return SchNet(
+            features=settings.features, filters=settings.features, num_interactions=settings.num_interactions,
+            num_gaussians=50, cutoff=settings.cutoff, pooling="sum", branch_hidden=(settings.features,),
+        )
+    if model_name == "segnn":
+        from models.segnn_qm9 import SEGNNQM9  # needs e3nn-jax; SchNet does not
+
+        return SEGNNQM9(
+            hidden_scalars=settings.features, lmax_hidden=2, lmax_attr=3, num_layers=settings.num_interactions,
+            norm="instance",
+        )
+    raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: molecules -> stacked padded graph batches (one engine example each)
+# --------------------------------------------------------------------------------------------
+
+
+def load_molecules(csv_paths=None, cache_dir=None) -> dict:
+    """QM9 (qm9pack, or the CSV files ``csv_paths``) with U0, U, H, G as atomization energies."""
+    dataset = load_qm9(cache_dir=cache_dir, csv_paths=csv_paths)
+    dataset = dict(dataset)
+    dataset["targets"] = subtract_atom_references(dataset["targets"], dataset["atomic_numbers"])
+    return dataset
+
+
+def select_molecules(dataset: dict, num_molecules: int | None, seed: int = 0) -> dict:
+    """A seeded random subset of ``num_molecules`` molecules (kept in file order); None = all."""
+    total = len(dataset["num_atoms"])
+    if num_molecules is None or num_molecules == total:
+        return dataset
+    if not 1 <= num_molecules <= total:
+        raise ValueError(f"num_molecules must lie in [1, {total}] (molecules available), got {num_molecules}")
+    keep = np.sort(np.random.default_rng(seed).choice(total, num_molecules, replace=False))
+    return {k: (v[keep] if k != "target_names" else v) for k, v in dataset.items()}
+
+
+def split_molecules(num_molecules: int, split: str, seed: int = 0):
+    """(train, valid, test) index arrays: "random" 80/10/10 or the "cormorant" split."""
+    if split == "random":
+        return random_split(num_molecules, (0.8, 0.1, 0.1), seed=seed)
+    if split == "cormorant":
+        return cormorant_split(num_molecules, seed=seed)
+    raise ValueError(f"split must be 'random' or 'cormorant', got {split!r}")
+
+
+def group_molecules(indices, molecules_per_example: int) -> list[np.ndarray]:
+    """Cut ``indices`` in order into ⌈M / molecules_per_example⌉ groups of nearly equal size."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        raise ValueError("cannot group an empty split of molecules")
+    if molecules_per_example < 1:
+        raise ValueError(f"molecules_per_example must be >= 1, got {molecules_per_example}")
+    return np.array_split(indices, math.ceil(len(indices) / molecules_per_example))
+
+
+def group_budget(dataset: dict, neighbor_lists, groups: Sequence[np.ndarray]) -> tuple[int, int]:
+    """(N_pad, E_pad) that fits every group: ``pad_budget`` of the largest node and edge totals."""
+    edges = neighbor_lists.num_edges()
+    max_nodes = max(int(dataset["num_atoms"][g].sum()) for g in groups)
+    max_edges = max(int(edges[g].sum()) for g in groups)
+    return pad_budget(max_nodes, max_edges)
+
+
+def stack_examples(
+    dataset: dict, neighbor_lists, groups: Sequence[np.ndarray], molecules_per_example: int, budget
+) -> dict[str, np.ndarray]:
+    """Stack one padded ``GraphBatch`` per group along a new leading axis (K examples).
+
+    Returns the ``GRAPH_FIELDS`` arrays (K, ...) plus ``graph_ids`` (K, G_pad) (molecule row
+    of each graph slot, −1 on empty slots), ``weight`` (K,) = molecules per example and
+    ``metric_scale`` (K,) = K / M (see the module doc). Targets are attached by ``with_target``.
+    """
+    num_molecules = len(dataset["num_atoms"])
+    dummy_targets = np.zeros((num_molecules, 1), np.float32)
+    batches = [
+        make_batch(dataset, neighbor_lists, ids, molecules_per_example, targets=dummy_targets, budget=budget)
+        for ids in groups
+    ]
+    stacked = {name: np.stack([getattr(b, name) for b in batches]) for name in GRAPH_FIELDS}
+    graph_ids = np.full((len(groups), molecules_per_example + 1), -1, np.int64)
+    for k, ids in enumerate(groups):
+        graph_ids[k, : len(ids)] = ids
+    counts = np.array([len(ids) for ids in groups], np.float32)
+    stacked["graph_ids"] = graph_ids
+    stacked["weight"] = counts
+    stacked["metric_scale"] = np.full(len(groups), len(groups) / counts.sum(), np.float32)
+    return stacked
+
+
+def with_target(examples: dict, values: np.ndarray) -> dict:
+    """``examples`` plus ``targets`` (K, G_pad) = values[graph_ids] (0 on empty slots), float32."""
+    ids = examples["graph_ids"]
+    targets = np.where(ids >= 0, np.asarray(values, np.float64)[np.maximum(ids, 0)], 0.0)
+    return {**examples, "targets": targets.astype(np.float32)}
+
+
+def engine_split(examples: dict, values: np.ndarray) -> dict:
+    """What the engine gets: ``with_target(examples, values)`` without the host-only ``graph_ids``."""
+    return {k: v for k, v in with_target(examples, values).items() if k != "graph_ids"}
+
+
+@dataclasses.dataclass
+class PreparedSplits:
+    """Stacked examples of the three splits (targets not attached) and the molecule rows."""
+
+    train: dict
+    valid: dict
+    test: dict
+    indices: Any  # data.qm9.Split
+    budget: tuple[int, int]
+
+
+def prepare_splits(dataset: dict, settings: QM9Settings, split_seed: int = 0) -> PreparedSplits:
+    """Radius graphs, split, grouping and padding (one budget for all three splits)."""
+    num_molecules = len(dataset["num_atoms"])
+    indices = split_molecules(num_molecules, settings.split, split_seed)
+    for name, part in zip(("train", "valid", "test"), indices):
+        if len(part) == 0:
+            raise ValueError(f"the {name} split is empty with {num_molecules} molecules; use more molecules")
+    neighbor_lists = compute_neighbor_lists(dataset, settings.cutoff)
+    groups = [group_molecules(part, settings.molecules_per_example) for part in indices]
+    budget = group_budget(dataset, neighbor_lists, [g for split_groups in groups for g in split_groups])
+    stacked = [stack_examples(dataset, neighbor_lists, g, settings.molecules_per_example, budget) for g in groups]
+    return PreparedSplits(*stacked, indices=indices, budget=budget)
+
+
+# --------------------------------------------------------------------------------------------
+# Task
+# --------------------------------------------------------------------------------------------
+
+
+def rotate_each_graph(rng: jax.Array, example: dict) -> dict:
+    """Rotate every molecule of a padded example by its own Haar-random rotation (targets are invariant)."""
+    num_graphs = example["graph_mask"].shape[-1]
+    rotations = ace_jax.random_rotation(rng, (num_graphs,))  # (G_pad, 3, 3)
+    per_node = rotations[example["node_graph"]]  # (N_pad, 3, 3)
+    positions = jnp.einsum("nij,nj->ni", per_node, example["positions"])
+    return {**example, "positions": positions}
+
+
+def masked_l1(prediction: jax.Array, target: jax.Array, graph_mask: jax.Array) -> jax.Array:
+    """Mean over real graphs of |prediction − target| (both (G_pad,))."""
+    mask = graph_mask.astype(prediction.dtype)
+    return jnp.sum(mask * jnp.abs(prediction - target)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_task(model, example: dict, mad: float) -> ace_jax.Task:
+    """The engine task for one QM9 target: examples are padded graph batches (module doc).
+
+    ``example`` is one example (no leading axis) used to initialise the model; ``mad`` is the
+    training MAD of the target (the metric multiplies normalised errors by it).
+    """
+    mad = float(mad)
+    if not (math.isfinite(mad) and mad > 0):
+        raise ValueError(f"mad must be a positive finite number, got {mad}")
+
+    jitted_init = jax.jit(model.init, static_argnames="project")  # one XLA program instead of many eager ones
+
+    def init(rng, has_branches):
+        return jitted_init(rng, example, project=not has_branches)
+
+    def loss(variables, ex, rng, project):
+        prediction = model.apply(variables, ex, project=project)
+        return masked_l1(prediction, ex["targets"], ex["graph_mask"])
+
+    def metric(variables, ex, project):
+        prediction = model.apply(variables, ex, project=project)
+        mask = ex["graph_mask"].astype(prediction.dtype)
+        abs_error_sum = mad * jnp.sum(mask * jnp.abs(prediction - ex["targets"]))
+        return {"mae": abs_error_sum * ex["metric_scale"], "abs_error_sum": abs_error_sum, "molecules": jnp.sum(mask)}
+
+    return ace_jax.Task(init=init, loss=loss, metric=metric, transform=rotate_each_graph)
+
+
+def first_example(split: dict) -> dict:
+    """Example 0 of a stacked split (the dict indexed at 0 on the leading axis)."""
+    return {k: v[0] for k, v in split.items()}
+
+
+def step_decay_schedule(learning_rate: float, total_steps: int, decay_at: Sequence[float]):
+    """optax schedule: ``learning_rate`` × 0.1 after each fraction in ``decay_at`` of the steps (None if empty)."""
+    if not decay_at:
+        return None
+    boundaries = {max(1, int(round(f * total_steps))): 0.1 for f in decay_at}
+    return optax.piecewise_constant_schedule(learning_rate, boundaries)
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark hook
+# --------------------------------------------------------------------------------------------
+
+
+def benchmark_case(model_name: str, batch: int, seed: int = 0):
+    """(task, batch_dict) for timing one training step on ``batch`` molecules.
+
+    Built from ``tests/fixtures/qm9_tiny.csv``: its 8 molecules are repeated to ``batch``
+    molecules and every copy's positions get N(0, 0.02 Å) noise (``default_rng(seed)``).
+    The target is the normalised ZPVE. ``batch_dict`` has a leading example axis of length 1
+    (one padded graph batch of ``batch`` molecules, plus ``weight``), i.e. what the engine
+    passes to its train step with ``TrainConfig(batch_size=1)``.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
+    settings = PRESETS["paper"][model_name]
+    base = parse_csv(FIXTURE_CSV)
+    rows = np.arange(batch) % len(base["num_atoms"])
+    rng = np.random.default_rng(seed)
+    dataset = {k: (v[rows] if k != "target_names" else v) for k, v in base.items()}
+    real = np.arange(dataset["positions"].shape[1])[None, :] < dataset["num_atoms"][:, None]
+    noise = rng.normal(0.0, 0.02, dataset["positions"].shape) * real[..., None]
+    dataset["positions"] = (dataset["positions"] + noise).astype(np.float32)
+    neighbor_lists = compute_neighbor_lists(dataset, settings.cutoff)
+    groups = [np.arange(batch)]
+    examples = stack_examples(dataset, neighbor_lists, groups, batch, group_budget(dataset, neighbor_lists, groups))
+    values = dataset["targets"][:, target_column("zpve")]
+    mean, mad = float(values.mean()), float(np.abs(values - values.mean()).mean())
+    batch_dict = engine_split(examples, (values - mean) / mad)
+    task = make_task(build_model(model_name, settings), first_example(batch_dict), mad)
+    return task, batch_dict
+
+
+# --------------------------------------------------------------------------------------------
+# Study
+# --------------------------------------------------------------------------------------------
+
+
+def run_target(
+    model_name: str, settings: QM9Settings, dataset: dict, splits: PreparedSplits, target: str,
+    methods: Sequence[str], seeds: Sequence[int], out_dir: Path, progress: bool,
+) -> tuple[dict, dict]:
+    """Train every method × seed on one target: (results entry, details entry)."""
+    column = target_column(target)
+    values = dataset["targets"][:, column]
+    mean, mad = target_stats(values[splits.indices.train])
+    normalised = (values - mean) / mad
+    train, valid, test = (engine_split(s, normalised) for s in (splits.train, splits.valid, splits.test))
+    model = build_model(model_name, settings)
+    task = make_task(model, first_example(train), float(mad))
+    num_examples = len(train["weight"])
+    batch_size = min(settings.examples_per_step, num_examples)
+    total_steps = settings.epochs * (num_examples // batch_size)
+    entry, details, histories = {}, {}, {}
+    for method in methods:
+        projection, full, runs = [], [], []
+        for seed in seeds:
+            run_dir = out_dir / "runs" / target / method / f"seed{seed}"
+            _claim_run_dir(run_dir, {"model": model_name, "settings": dataclasses.asdict(settings), "target": target,
+                                     "method": method, "seed": seed, "split_sizes": [len(p) for p in splits.indices]})
+            config = ace_jax.TrainConfig(
+                epochs=settings.epochs,
+                batch_size=batch_size,
+                learning_rate=settings.learning_rate,
+                dual_learning_rate=settings.dual_learning_rate,
+                lr_schedule=step_decay_schedule(settings.learning_rate, total_steps, settings.lr_decay_at),
+                eval_batch_size=batch_size,
+                seed=seed,
+                out_dir=str(run_dir),
+                progress=progress,
+            )
+            result = ace_jax.fit(task, train, valid, test, method, config)
+            projection.append(result.test["projection"]["mae"])
+            full.append(result.test["full"]["mae"])
+            epoch_seconds = [r["seconds"] for r in result.history]
+            runs.append({
+                "seed": seed,
+                "test": result.test,
+                "val": result.val,
+                "best_epoch": result.best_epoch,
+                "seconds": result.seconds,
+                "median_epoch_seconds": float(np.median(epoch_seconds)) if epoch_seconds else None,
+                "final_gamma": result.history[-1]["gamma"] if result.history else {},
+            })
+            if seed == seeds[0]:
+                histories[method] = result.history
+                if result.history and result.history[-1]["gamma"]:
+                    plot_trajectories(
+                        result.history, out_dir / "trajectories" / f"{target}_{method}.png",
+                        title=f"{model_name} QM9 {target}: {method} (seed {seed})",
+                    )
+        entry[method] = {
+            "test_mae_projection": summarize(projection),
+            "test_mae_full": summarize(full),
+            "unit": TARGETS[target].unit,
+        }
+        details[method] = runs
+    plot_curves(histories, out_dir / "curves" / f"{target}.png", metric="mae", title=f"{model_name} QM9 {target}")
+    return entry, {"mean": float(mean), "mad": float(mad), "methods": details}
+
+
+def _claim_run_dir(run_dir: Path, fingerprint: dict) -> None:
+    """Record what a run directory trains; refuse to resume a checkpoint of another configuration."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run_config.json"
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back
+    if path.is_file() and (run_dir / "checkpoint.msgpack").is_file():
+        previous = json.loads(path.read_text())
+        if previous != fingerprint:
+            raise ValueError(
+                f"{run_dir} holds a checkpoint of another configuration ({previous}); "
+                f"use a new --out folder or delete that run folder"
+            )
+    write_json(path, fingerprint)
+
+
+def results_table(model_name: str, targets: dict, methods: Sequence[str]) -> str:
+    """Markdown table: one row per target, test MAE of each method (projection; full for ACE variants)."""
+    header = ["Target", "Unit"]
+    for method in methods:
+        header.append(f"{model_name} {method}" if method == "vanilla" else f"{model_name} + {method} (projection)")
+        if method != "vanilla":
+            header.append(f"{model_name} + {method} (full)")
+    rows = []
+    for target, entry in targets.items():
+        row = [target, next(iter(entry.values()))["unit"]]
+        for method in methods:
+            row.append(fmt(entry[method]["test_mae_projection"], digits=4))
+            if method != "vanilla":
+                row.append(fmt(entry[method]["test_mae_full"], digits=4))
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    """Run the study described by the parsed CLI ``args``; returns the results.json content."""
+    t_start = time.perf_counter()
+    settings = PRESETS[args.preset][args.model]
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.num_molecules is not None:
+        overrides["num_molecules"] = args.num_molecules
+    if args.molecules_per_example is not None:
+        overrides["molecules_per_example"] = args.molecules_per_example
+    if args.examples_per_step is not None:
+        overrides["examples_per_step"] = args.examples_per_step
+    if args.learning_rate is not None:
+        overrides["learning_rate"] = args.learning_rate
+    if args.dual_learning_rate is not None:
+        overrides["dual_learning_rate"] = args.dual_learning_rate
+    if args.features is not None:
+        overrides["features"] = args.features
+    if args.interactions is not None:
+        overrides["num_interactions"] = args.interactions
+    settings = dataclasses.replace(settings, **overrides)
+    targets = parse_list(args.targets, TARGET_NAMES, "targets") if args.targets else list(settings.targets)
+    methods = parse_list(args.methods, STUDY_METHODS, "methods") if args.methods else list(settings.methods)
+    num_seeds = args.seeds if args.seeds is not None else settings.seeds
+    if num_seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {num_seeds}")
+    seeds = list(range(args.seed, args.seed + num_seeds))
+    out_dir = Path(args.out)
+
+    dataset = load_molecules(csv_paths=args.csv, cache_dir=args.cache_dir)
+    num_available = len(dataset["num_atoms"])
+    if settings.num_molecules is not None and settings.num_molecules > num_available:
+        if args.num_molecules is not None:
+            raise SystemExit(f"--num-molecules {args.num_molecules} exceeds the {num_available} molecules available")
+        settings = dataclasses.replace(settings, num_molecules=num_available)  # preset on a small CSV
+    dataset = select_molecules(dataset, settings.num_molecules, seed=args.split_seed)
+    if not set(np.unique(dataset["atomic_numbers"])) <= {0, 1, 6, 7, 8, 9}:
+        raise ValueError("atomic numbers outside H, C, N, O, F: the embedding table covers Z < 10 only")
+    t_data = time.perf_counter()
+    splits = prepare_splits(dataset, settings, split_seed=args.split_seed)
+    print(
+        f"[qm9] {len(dataset['num_atoms'])} molecules -> train/valid/test "
+        f"{len(splits.indices.train)}/{len(splits.indices.valid)}/{len(splits.indices.test)}, "
+        f"{len(splits.train['weight'])} training examples of ≤ {settings.molecules_per_example} molecules, "
+        f"padded to (N, E) = {splits.budget} ({time.perf_counter() - t_data:.1f} s)",
+        flush=True,
+    )
+
+    results_targets, details = {}, {}
+    for target in targets:
+        entry, detail = run_target(
+            args.model, settings, dataset, splits, target, methods, seeds, out_dir, not args.no_progress
+        )
+        results_targets[target] = entry
+        details[target] = detail
+        line = ", ".join(
+            f"{m}: {entry[m]['test_mae_projection']['mean']:.4g} / {entry[m]['test_mae_full']['mean']:.4g}"
+            for m in methods
+        )
+        print(f"[qm9] {target} test MAE ({TARGETS[target].unit}, projection / full): {line}", flush=True)
+
+    config = {
+        "preset": args.preset,
+        **dataclasses.asdict(settings),
+        "molecules_per_step": settings.molecules_per_step,
+        "targets": targets,
+        "methods": methods,
+        "seeds": seeds,
+        "split_seed": args.split_seed,
+        "csv": [str(p) for p in args.csv] if args.csv else "qm9pack",
+        "num_molecules_used": len(dataset["num_atoms"]),
+        "split_sizes": [len(p) for p in splits.indices],
+        "padded_budget": list(splits.budget),
+        "energies": "U0, U, H, G trained as atomization energies (MAE unchanged)",
+        "metric": "test MAE per molecule in the target's unit; model selected on the projection's validation MAE",
+        "device": str(jax.devices()[0]),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    results = {"config": config, "model": args.model, "targets": results_targets}
+    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "runs.json", details)
+    table = results_table(args.model, results_targets, methods)
+    (out_dir / "table.md").write_text(
+        f"# QM9 test MAE, {args.model} (preset {args.preset}, {len(seeds)} seed(s), "
+        f"{config['num_molecules_used']} molecules)\n\n" + table
+    )
+    print(table, flush=True)
+    print(f"[qm9] wrote {out_dir / 'results.json'} in {config['wall_seconds']:.1f} s", flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_study_args(parser, PRESETS)
+    parser.add_argument("--model", choices=MODELS, default="schnet")
+    parser.add_argument("--targets", default=None, help=f"comma-separated targets among {', '.join(TARGET_NAMES)}")
+    parser.add_argument("--num-molecules", type=int, default=None, help="seeded subset of QM9 (default: preset)")
+    parser.add_argument("--csv", nargs="+", default=None, help="CSV files in the qm9pack layout (default: qm9pack)")
+    parser.add_argument("--cache-dir", default=None, help="parsed-CSV cache (default ~/.cache/ace_jax/qm9)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the subset and of the split")
+    parser.add_argument("--molecules-per-example", type=int, default=None, help="molecules per padded batch")
+    parser.add_argument("--examples-per-step", type=int, default=None, help="padded batches per optimiser step")
+    parser.add_argument("--learning-rate", type=float, default=None, help="Adam step size (default: preset)")
+    parser.add_argument("--dual-learning-rate", type=float, default=None, help="dual ascent step (default: preset)")
+    parser.add_argument("--features", type=int, default=None, help="SchNet width / SEGNN hidden scalars")
+    parser.add_argument("--interactions", type=int, default=None, help="SchNet blocks / SEGNN layers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    return run_study(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

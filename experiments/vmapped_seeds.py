@@ -1,0 +1,224 @@
+"""Train every seed of one method in ONE compiled program: the engine's step, vmapped over seeds.
+
+:func:`fit_seeds_vmapped` gives, for seeds s_1 … s_S, the numbers ``ace_jax.fit`` gives run by
+run with ``TrainConfig(seed=s_k)`` (up to float round-off of batched vs. single matmuls):
+
+- seed s: ``init_key, train_key = split(PRNGKey(s))``; variables = ``task.init(init_key, ·)``;
+  step k uses ``fold_in(train_key, k)``; epoch e visits the training set in the order
+  ``default_rng((s, e)).permutation(N)`` — exactly the engine's conventions;
+- the train states of all seeds are stacked on a leading seed axis and one jitted
+  ``vmap(step)`` advances all of them on their own batches ``(S, B, …)``;
+- evaluation vmaps the per-example metric over the stacked variables (one program per
+  ``project`` flag); model selection, γ schedules and the log records follow the engine.
+
+Differences from ``ace_jax.fit``: no checkpoint/resume (only ``log.jsonl`` per seed is
+written) and no multi-device sharding (one device holds all seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ace_jax import FitResult, NonFiniteError, Task, TrainConfig, get_method, named_leaves, triangle_schedule
+from ace_jax.engine import build_step, check_split
+from ace_jax.methods import Method
+
+
+# Stacking and unstacking run on the host (numpy): no small XLA programs to compile per leaf.
+def _stack(trees):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *jax.device_get(list(trees)))
+
+
+def _unstack(host_tree, index: int):
+    return jax.tree.map(lambda x: x[index], host_tree)
+
+
+def _scalars(host_tree) -> dict:
+    return {k: float(v) for k, v in named_leaves(host_tree).items()}
+
+
+def make_seed_evaluator(task: Task, batch_size: int):
+    """``evaluate(stacked_variables, data, project) -> [ {metric: mean} per seed ]``.
+
+    Same padding and averaging as the engine's evaluator, with the metric vmapped over the
+    leading seed axis of ``stacked_variables``.
+    """
+    metric = task.metric or (lambda v, ex, project: task.loss(v, ex, jax.random.PRNGKey(0), project))
+
+    def as_dict(value):
+        return dict(value) if isinstance(value, Mapping) else {"metric": value}
+
+    @partial(jax.jit, static_argnums=(3,))
+    def batch_sums(stacked_variables, batch, weights, project):
+        def one_seed(variables):
+            values = jax.vmap(lambda ex: as_dict(metric(variables, ex, project)))(batch)
+            return {k: jnp.sum(v * weights) for k, v in values.items()}
+
+        return jax.vmap(one_seed)(stacked_variables)
+
+    def evaluate(stacked_variables, data, project: bool) -> list[dict]:
+        n = check_split("eval", data)
+        totals: dict = {}
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            weights = np.zeros(batch_size, np.float32)
+            weights[: len(idx)] = 1.0
+            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+            batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+            for k, v in batch_sums(stacked_variables, batch, weights, project).items():
+                totals[k] = totals.get(k, 0.0) + v
+        totals = {k: np.asarray(jax.device_get(v)) for k, v in totals.items()}
+        num_seeds = len(next(iter(totals.values())))
+        return [{k: float(v[s]) / n for k, v in totals.items()} for s in range(num_seeds)]
+
+    return evaluate
+
+
+def fit_seeds_vmapped(
+    task: Task,
+    train: Mapping[str, np.ndarray],
+    val: Mapping[str, np.ndarray],
+    test: Mapping[str, np.ndarray] | None,
+    method: Method | str,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    out_dirs: Sequence[str | Path] | None = None,
+) -> list[FitResult]:
+    """Train ``method`` for every seed at once; returns one :class:`FitResult` per seed.
+
+    ``config.seed`` is ignored (the seeds come from ``seeds``); ``out_dirs`` (one per seed)
+    receive ``log.jsonl`` with the engine's record layout. ``FitResult.seconds`` is the wall
+    time of the whole vmapped run (the same for every seed).
+    """
+    t_start = time.perf_counter()
+    method = get_method(method) if isinstance(method, str) else method
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("fit_seeds_vmapped needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if out_dirs is not None and len(out_dirs) != len(seeds):
+        raise ValueError(f"need one out_dir per seed: {len(out_dirs)} for {len(seeds)} seeds")
+    n_train = check_split("train", train)
+    check_split("val", val)
+    if test is not None:
+        check_split("test", test)
+    if n_train < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
+
+    init_state, step_fn = build_step(task, method, config)
+    states, train_keys = [], []
+    for seed in seeds:
+        init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+        states.append(init_state(init_key))
+        train_keys.append(train_key)
+    state, train_keys = jax.device_put(_stack(states)), jax.device_put(_stack(train_keys))
+
+    @jax.jit
+    def train_step(stacked_state, stacked_batch, keys):
+        one = lambda st, batch, key: step_fn(st, batch, jax.random.fold_in(key, st.step))  # noqa: E731
+        return jax.vmap(one)(stacked_state, stacked_batch, keys)
+
+    evaluate = make_seed_evaluator(task, config.eval_batch_size)
+    project_eval = {"projection": True, "full": not method.has_branches}
+    log_paths = None
+    if out_dirs is not None:
+        log_paths = [Path(d) / "log.jsonl" for d in out_dirs]
+        for path in log_paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    num_seeds = len(seeds)
+    sign = 1.0 if config.select_mode == "min" else -1.0
+    best = [{"score": None, "epoch": -1, "variables": None, "val": {}} for _ in seeds]
+    histories: list[list] = [[] for _ in seeds]
+    steps_per_epoch = n_train // config.batch_size
+    epochs = range(config.epochs)
+    if config.progress:
+        try:
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, desc=f"{method.name} ×{num_seeds} seeds", leave=False)
+        except ImportError:
+            pass
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        if method.gamma_schedule == "triangle":
+            value = triangle_schedule(epoch, config.epochs)
+            state = state.replace(gamma=jax.tree.map(lambda g: jnp.full_like(g, value), state.gamma))
+        orders = [np.random.default_rng((seed, epoch)).permutation(n_train) for seed in seeds]
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = np.stack([order[b * config.batch_size : (b + 1) * config.batch_size] for order in orders])
+            batch = {k: np.asarray(v)[idx] for k, v in train.items()}  # (S, B, ...)
+            state, metrics = train_step(state, batch, train_keys)
+            losses.append((metrics["loss"], metrics["lagrangian"]))
+        bad = np.asarray(jax.device_get(state.first_bad_step))
+        if np.any(bad >= 0):
+            s = int(np.argmax(bad >= 0))
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {int(bad[s])} (epoch {epoch}) with method {method.name!r}, "
+                f"seed {seeds[s]}: training stopped. Lower the learning rate or check the data."
+            )
+        loss_arr = np.asarray(jax.device_get(losses), np.float64)  # (steps, 2, S)
+        evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if evaluated:
+            stacked_variables = state.variables()
+            val_scores = {name: evaluate(stacked_variables, val, p) for name, p in project_eval.items()}
+            host_variables = jax.device_get(stacked_variables)
+        seconds = time.perf_counter() - t0
+        duals = jax.device_get({"gamma": state.gamma, "multiplier": state.multipliers, "slack": state.slacks})
+        for s in range(num_seeds):
+            record = {
+                "epoch": epoch,
+                "train_loss": float(loss_arr[:, 0, s].mean()),
+                "train_lagrangian": float(loss_arr[:, 1, s].mean()),
+                **{key: _scalars(_unstack(tree, s)) for key, tree in duals.items()},
+            }
+            if evaluated:
+                scores = {name: per_seed[s] for name, per_seed in val_scores.items()}
+                record["val"] = scores
+                metric_name = config.select_metric or next(iter(scores["projection"]))
+                if metric_name not in scores[config.select_on]:
+                    raise ValueError(f"select_metric {metric_name!r} not among {list(scores[config.select_on])}")
+                score = sign * scores[config.select_on][metric_name]
+                if best[s]["score"] is None or score < best[s]["score"]:
+                    best[s] = {
+                        "score": score,
+                        "epoch": epoch,
+                        "variables": _unstack(host_variables, s),
+                        "val": scores,
+                    }
+            record["seconds"] = seconds
+            histories[s].append(record)
+            if log_paths is not None:
+                with open(log_paths[s], "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+
+    test_scores = [{} for _ in seeds]
+    if test is not None:
+        stacked_best = _stack([b["variables"] for b in best])
+        per_mode = {name: evaluate(stacked_best, test, p) for name, p in project_eval.items()}
+        test_scores = [{name: per_mode[name][s] for name in per_mode} for s in range(num_seeds)]
+    seconds = time.perf_counter() - t_start
+    final_states = jax.device_get(state)
+    return [
+        FitResult(
+            best_variables=best[s]["variables"],
+            best_epoch=best[s]["epoch"],
+            val=best[s]["val"],
+            test=test_scores[s],
+            history=histories[s],
+            state=_unstack(final_states, s),
+            seconds=seconds,
+        )
+        for s in range(num_seeds)
+    ]

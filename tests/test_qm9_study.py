@@ -1,0 +1,152 @@
+"""QM9 study plumbing: padded batches as engine examples, exact per-molecule MAE, results schema."""
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ace_jax
+from data.qm9 import parse_csv, target_column
+from experiments import qm9 as study
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qm9_tiny.csv"
+
+
+class ConstantPerGraph(nn.Module):
+    """Predicts one learned constant c (init 0) for every real graph, 0 on padding slots."""
+
+    @nn.compact
+    def __call__(self, batch, project: bool = False):
+        c = self.param("c", nn.initializers.zeros, ())
+        return c * jnp.asarray(batch["graph_mask"], jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def molecules():
+    return parse_csv(FIXTURE)
+
+
+def stacked_split(molecules, molecules_per_example):
+    from data.graphs import compute_neighbor_lists
+
+    neighbor_lists = compute_neighbor_lists(molecules, 10.0)
+    groups = study.group_molecules(np.arange(len(molecules["num_atoms"])), molecules_per_example)
+    budget = study.group_budget(molecules, neighbor_lists, groups)
+    return study.stack_examples(molecules, neighbor_lists, groups, molecules_per_example, budget), groups
+
+
+def test_group_molecules_even_sizes_and_coverage():
+    groups = study.group_molecules(np.arange(10, 31), 4)  # 21 molecules, at most 4 per example
+    sizes = [len(g) for g in groups]
+    assert len(groups) == 6 and max(sizes) <= 4 and max(sizes) - min(sizes) <= 1
+    np.testing.assert_array_equal(np.concatenate(groups), np.arange(10, 31))
+    with pytest.raises(ValueError, match="empty"):
+        study.group_molecules([], 4)
+
+
+def test_stacked_examples_layout(molecules):
+    split, groups = stacked_split(molecules, 3)
+    assert [len(g) for g in groups] == [3, 3, 2]
+    assert split["positions"].shape[0] == 3 and split["graph_mask"].shape == (3, 4)
+    np.testing.assert_array_equal(split["weight"], [3, 3, 2])
+    np.testing.assert_array_equal(split["graph_ids"][2], [6, 7, -1, -1])
+    values = np.arange(8, dtype=np.float64) * 10
+    targets = study.with_target(split, values)["targets"]
+    np.testing.assert_array_equal(targets[2], [60.0, 70.0, 0.0, 0.0])
+    np.testing.assert_array_equal(split["graph_mask"].sum(axis=1), [3, 3, 2])
+
+
+def test_metric_is_exact_per_molecule_mae(molecules):
+    """Predicting the mean has MAE = MAD (over the same molecules): a hand-checkable value."""
+    split, groups = stacked_split(molecules, 3)  # examples of 3, 3 and 2 molecules
+    y = molecules["targets"][:, target_column("Cv")]
+    mean, mad = y.mean(), np.abs(y - y.mean()).mean()
+    data = study.with_target(split, (y - mean) / mad)
+    data = {k: v for k, v in data.items() if k != "graph_ids"}
+    model = ConstantPerGraph()
+    task = study.make_task(model, study.first_example(data), mad)
+    variables = task.init(jax.random.PRNGKey(0), False)
+    scores = ace_jax.make_evaluator(task, batch_size=2)(variables, data, True)
+    assert scores["mae"] == pytest.approx(mad, rel=1e-5)
+    assert scores["abs_error_sum"] / scores["molecules"] == pytest.approx(mad, rel=1e-5)
+    # the naive average of per-example means weights the 2-molecule example too much: it differs
+    naive = np.mean([np.abs(y[g] - mean).mean() for g in groups])
+    assert abs(naive - mad) > 1e-3 * mad
+    # training loss: the engine weights examples by their molecule count -> mean over molecules
+    lagrangian = ace_jax.make_lagrangian(lambda v, ex, rng: task.loss(v, ex, rng, True), None)
+    value, _ = lagrangian(variables["params"], None, {}, {}, data, jax.random.PRNGKey(1))
+    assert float(value) == pytest.approx(1.0, rel=1e-5)  # mean |ỹ| over molecules = MAD / MAD
+
+
+def test_rotate_each_graph_keeps_shapes_of_molecules(molecules):
+    split, _ = stacked_split(molecules, 8)
+    example = study.first_example(split)
+    rotated = study.rotate_each_graph(jax.random.PRNGKey(0), example)
+    positions, new = np.asarray(example["positions"]), np.asarray(rotated["positions"])
+    senders, receivers, mask = example["senders"], example["receivers"], example["edge_mask"]
+    before = np.linalg.norm(positions[senders] - positions[receivers], axis=-1)[mask]
+    after = np.linalg.norm(new[senders] - new[receivers], axis=-1)[mask]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(new - positions)) > 0.1
+
+
+def test_step_decay_schedule():
+    schedule = study.step_decay_schedule(1e-3, 100, (0.8, 0.9))
+    assert float(schedule(79)) == pytest.approx(1e-3)
+    assert float(schedule(85)) == pytest.approx(1e-4)
+    assert float(schedule(95)) == pytest.approx(1e-5)
+    assert study.step_decay_schedule(1e-3, 100, ()) is None
+
+
+def test_tiny_study_writes_results_schema(tmp_path):
+    out = tmp_path / "qm9"
+    study.main([
+        "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1",
+        "--targets", "zpve", "--methods", "vanilla,ace", "--features", "8", "--interactions", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+    ])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"config", "model", "targets"}
+    assert results["model"] == "schnet"
+    assert set(results["targets"]) == {"zpve"}
+    assert set(results["targets"]["zpve"]) == {"vanilla", "ace"}
+    for entry in results["targets"]["zpve"].values():
+        assert set(entry) == {"test_mae_projection", "test_mae_full", "unit"}
+        assert entry["unit"] == "eV"
+        for key in ("test_mae_projection", "test_mae_full"):
+            assert set(entry[key]) == {"mean", "std"}
+            assert np.isfinite(entry[key]["mean"]) and entry[key]["mean"] > 0
+    vanilla = results["targets"]["zpve"]["vanilla"]
+    assert vanilla["test_mae_projection"] == vanilla["test_mae_full"]  # no branches: full = projection
+    assert results["config"]["split_sizes"] == [6, 1, 1]
+    assert "zpve" in (out / "table.md").read_text()
+    assert (out / "trajectories" / "zpve_ace.png").is_file()
+
+
+def test_bad_options_raise(tmp_path):
+    base = ["--preset", "quick", "--out", str(tmp_path), "--csv", str(FIXTURE), "--cache-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        study.main(base + ["--targets", "zpve,banana"])
+    with pytest.raises(SystemExit, match="exceeds"):
+        study.main(base + ["--num-molecules", "9"])
+    with pytest.raises(FileNotFoundError):
+        study.main(["--preset", "quick", "--out", str(tmp_path), "--csv", str(tmp_path / "missing.csv")])
+    with pytest.raises(ValueError, match="unknown model"):
+        study.benchmark_case("dimenet", 4)
+
+
+def test_benchmark_case_shapes():
+    task, batch = study.benchmark_case("schnet", 12, seed=0)
+    assert batch["graph_mask"].shape == (1, 13) and int(batch["graph_mask"].sum()) == 12
+    assert batch["weight"].tolist() == [12.0]
+    # seeded: same seed, same molecules; another seed perturbs them differently
+    _, again = study.benchmark_case("schnet", 12, seed=0)
+    _, other = study.benchmark_case("schnet", 12, seed=1)
+    np.testing.assert_array_equal(batch["positions"], again["positions"])
+    assert not np.array_equal(batch["positions"], other["positions"])
+    shapes = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(0), True))
+    assert len(ace_jax.named_leaves(shapes["gamma"])) == 6

@@ -1,0 +1,191 @@
+"""SchNet on padded graph batches: invariances, ACE symmetry breaking, padding, pooling."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ace_jax
+from data.graphs import compute_neighbor_lists, make_batch
+from data.qm9 import parse_csv
+from models.schnet import (
+    SchNet,
+    centred_positions,
+    cosine_cutoff,
+    gaussian_expansion,
+    pool_graphs,
+    shifted_softplus,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qm9_tiny.csv"
+CUTOFF = 10.0
+BATCH_SLOTS = 11  # graph slots of the shared padded shape: 8 molecules + 3 empty slots
+BUDGET = (256, 8192)  # one (N_pad, E_pad) for every multi-molecule batch: one compiled shape
+
+
+@pytest.fixture(scope="module")
+def molecules():
+    return parse_csv(FIXTURE)
+
+
+def batch_of(dataset, ids=None, batch_size=BATCH_SLOTS, budget=BUDGET):
+    ids = np.arange(len(dataset["num_atoms"])) if ids is None else np.asarray(ids)
+    neighbor_lists = compute_neighbor_lists(dataset, CUTOFF)
+    return make_batch(dataset, neighbor_lists, ids, batch_size, budget=budget)
+
+
+def transformed(dataset, fn):
+    """A copy of the molecule set with fn applied to the real atoms of every molecule."""
+    out = dict(dataset)
+    positions = dataset["positions"].copy()
+    for m, n in enumerate(dataset["num_atoms"]):
+        positions[m, :n] = fn(positions[m, :n].astype(np.float64))
+    out["positions"] = positions.astype(np.float32)
+    return out
+
+
+def relative_difference(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / np.max(np.abs(a))
+
+
+@pytest.fixture(scope="module")
+def model_and_variables(molecules):
+    # the paper's layer types (50 Gaussians, cutoff 10 Å, sum pooling); narrower and shallower for speed
+    model = SchNet(features=16, filters=16, num_interactions=3, branch_hidden=(16,))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch_of(molecules))
+    apply = jax.jit(model.apply, static_argnames="project")
+    return model, variables, apply
+
+
+def rotation_matrix(seed):
+    return np.asarray(ace_jax.random_rotation(jax.random.PRNGKey(seed)), np.float64)
+
+
+def test_building_blocks_hand_values():
+    assert float(shifted_softplus(jnp.asarray(0.0))) == pytest.approx(0.0, abs=1e-7)
+    assert float(shifted_softplus(jnp.asarray(2.0))) == pytest.approx(np.log1p(np.exp(2.0)) - np.log(2.0), rel=1e-6)
+    d = jnp.asarray([0.0, 5.0, 10.0, 12.0])
+    np.testing.assert_allclose(cosine_cutoff(d, 10.0), [1.0, 0.5, 0.0, 0.0], atol=1e-7)
+    expansion = gaussian_expansion(jnp.asarray([0.0, 10.0 / 49]), 10.0, 50)
+    assert expansion.shape == (2, 50)
+    assert float(expansion[0, 0]) == pytest.approx(1.0)
+    assert float(expansion[0, 1]) == pytest.approx(np.exp(-0.5), rel=1e-6)  # one spacing away
+    assert float(expansion[1, 1]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["rotation", "reflection", "translation"])
+def test_projection_invariant_to_euclidean_group(molecules, model_and_variables, kind):
+    _, variables, apply = model_and_variables
+    if kind == "rotation":
+        rotation = rotation_matrix(1)
+        fn = lambda x: x @ rotation.T  # noqa: E731
+    elif kind == "reflection":
+        fn = lambda x: x * np.array([1.0, -1.0, 1.0]) @ rotation_matrix(2).T  # noqa: E731
+    else:
+        fn = lambda x: x + np.array([3.0, -7.5, 12.0])  # noqa: E731
+    original = apply(variables, batch_of(molecules), project=True)
+    moved = apply(variables, batch_of(transformed(molecules, fn)), project=True)
+    assert relative_difference(original, moved) <= 1e-5
+
+
+def test_projection_invariant_to_atom_permutations(molecules, model_and_variables):
+    _, variables, apply = model_and_variables
+    rng = np.random.default_rng(3)
+    permuted = {k: v.copy() for k, v in molecules.items()}
+    for m, n in enumerate(molecules["num_atoms"]):
+        order = rng.permutation(n)
+        permuted["positions"][m, :n] = molecules["positions"][m, order]
+        permuted["atomic_numbers"][m, :n] = molecules["atomic_numbers"][m, order]
+    assert not np.array_equal(permuted["atomic_numbers"], molecules["atomic_numbers"])
+    for project in (True, False):  # the centred-coordinate branch is permutation invariant too
+        original = apply(variables, batch_of(molecules), project=project)
+        moved = apply(variables, batch_of(permuted), project=project)
+        assert relative_difference(original, moved) <= 1e-5
+
+
+def test_branches_break_rotations_but_not_translations(molecules, model_and_variables):
+    _, variables, apply = model_and_variables
+    assert len(ace_jax.named_leaves(variables["gamma"])) == 3  # one γ per interaction block
+    rotation = rotation_matrix(4)
+    full = apply(variables, batch_of(molecules), project=False)
+    rotated = apply(variables, batch_of(transformed(molecules, lambda x: x @ rotation.T)), project=False)
+    assert relative_difference(full, rotated) > 1e-2
+    shifted = apply(variables, batch_of(transformed(molecules, lambda x: x + 5.0)), project=False)
+    assert relative_difference(full, shifted) <= 1e-5
+    # γ = 0 gives the projection, which differs from the full model at γ = 1
+    projected = apply(ace_jax.projected_variables(variables), batch_of(molecules), project=False)
+    projection = apply(variables, batch_of(molecules), project=True)
+    np.testing.assert_allclose(projected, projection, rtol=1e-5, atol=1e-6)
+    assert relative_difference(full, projection) > 1e-2
+
+
+def test_vanilla_init_has_no_branches(molecules, model_and_variables):
+    model, variables, _ = model_and_variables
+    vanilla = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch_of(molecules), project=True))
+    assert "gamma" not in vanilla
+    assert not any("branch" in name for name in ace_jax.named_leaves(vanilla["params"]))
+    assert any("branch" in name for name in ace_jax.named_leaves(variables["params"]))
+    # the vanilla parameters are exactly the non-branch parameters of the ACE model
+    shared = {k for k in ace_jax.named_leaves(variables["params"]) if "branch" not in k}
+    assert set(ace_jax.named_leaves(vanilla["params"])) == shared
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_padded_batch_equals_unpadded_molecules(molecules, model_and_variables, project):
+    _, variables, apply = model_and_variables
+    count = len(molecules["num_atoms"])
+    together = np.asarray(apply(variables, batch_of(molecules), project=project))  # 3 empty slots, padding
+    assert together.shape == (BATCH_SLOTS + 1,)
+    assert np.all(together[count:] == 0.0)  # empty slots and the padding graph
+    alone = np.array([
+        float(apply(variables, batch_of(molecules, [m], batch_size=1, budget=(32, 1024)), project=project)[0])
+        for m in range(count)
+    ])
+    np.testing.assert_allclose(together[:count], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_finite_and_blind_to_padding(molecules, model_and_variables):
+    model, variables, _ = model_and_variables
+    batch = batch_of(molecules)
+    mask = jnp.asarray(batch.graph_mask, jnp.float32)
+
+    def loss(params, positions):
+        prediction = model.apply({**variables, "params": params}, batch._replace(positions=positions))
+        return jnp.sum(mask * prediction**2)
+
+    grads, position_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], batch.positions)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert bool(jnp.all(jnp.isfinite(position_grads)))
+    # the loss does not depend on the padding nodes' positions
+    assert float(jnp.max(jnp.abs(position_grads[~batch.node_mask]))) == 0.0
+    assert float(jnp.max(jnp.abs(position_grads[batch.node_mask]))) > 0.0
+
+
+def test_pool_graphs_hand_values():
+    values = jnp.asarray([1.0, 2.0, 3.0, 10.0, 100.0])
+    node_graph = jnp.asarray([0, 0, 1, 1, 3])
+    node_mask = jnp.asarray([True, True, True, False, False])  # node 3 is padding inside graph 1
+    graph_mask = jnp.asarray([True, True, False, False])
+    np.testing.assert_allclose(pool_graphs(values, node_graph, node_mask, graph_mask, "sum"), [3.0, 3.0, 0, 0])
+    np.testing.assert_allclose(pool_graphs(values, node_graph, node_mask, graph_mask, "mean"), [1.5, 3.0, 0, 0])
+
+
+def test_centred_positions_hand_values():
+    positions = jnp.asarray([[0.0, 0, 0], [2.0, 0, 0], [5.0, 5, 5], [9.0, 9, 9]])
+    node_graph = jnp.asarray([0, 0, 1, 2])
+    node_mask = jnp.asarray([True, True, True, False])
+    centred = centred_positions(positions, node_graph, node_mask, 3)
+    np.testing.assert_allclose(centred, [[-1.0, 0, 0], [1.0, 0, 0], [0, 0, 0], [0, 0, 0]])
+
+
+def test_bad_inputs_raise(molecules):
+    batch = batch_of(molecules)._asdict()
+    del batch["edge_mask"]
+    with pytest.raises(ValueError, match="edge_mask"):
+        jax.eval_shape(lambda: SchNet(features=8, num_interactions=1).init(jax.random.PRNGKey(0), batch))
+    with pytest.raises(ValueError, match="pooling"):
+        jax.eval_shape(lambda: SchNet(features=8, num_interactions=1, pooling="max").init(
+            jax.random.PRNGKey(0), batch_of(molecules)))
