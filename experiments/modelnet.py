@@ -1,0 +1,491 @@
+"""Point-cloud study: VN-DGCNN with ACE on ModelNet40 (or its procedural stand-in), clean and
+with randomly dropped points.
+
+    python -m experiments.modelnet --preset quick|paper --out DIR [--data synthetic|PATH]
+        [--methods vanilla,ace,ace-resilient] [--seeds N] [--epochs N] [--dropout P]
+        [--studies clean,dropout] [--classes a,b,...]
+
+Data: ``--data synthetic`` (default) is the 40-class procedural stand-in of
+:mod:`data.shapes`; any other value is a local ModelNet40 folder for
+:func:`data.modelnet.load_modelnet40` (the first ``num_points`` points of every cloud).
+``--classes`` (or the preset's ``classes``) keeps a subset of classes, relabelled 0..n−1
+in the given order.
+
+Protocol (ACE paper, ModelNet40 with SO(3) rotations):
+
+- training clouds are rotated by a fresh uniform random rotation at EVERY step, inside the
+  loss, from the per-example PRNG key the engine passes (so every method sees the same
+  augmentation); validation and test clouds carry one fixed, seeded rotation each;
+- loss: cross entropy with label smoothing 0.2; model selection on the projection's
+  validation accuracy (``select_metric="accuracy"``, ``select_mode="max"``) for every method;
+- study ``dropout``: inside the loss, after the rotation, a fraction P of each training
+  cloud's points is dropped (drawn afresh every step from the per-example key) and the
+  slots refilled with copies of kept points (:func:`drop_points_jax`, the same rule as
+  :func:`data.pointcloud.drop_points`). Validation and test clouds are NOT dropped: the
+  study asks whether training on damaged clouds still converges to a good classifier;
+- reported on the test split, for the projection (γ = 0, branches not evaluated) and the
+  full model of the selected variables: class accuracy (mean over classes of the per-class
+  accuracy) and instance accuracy (fraction of clouds classified correctly).
+
+Presets: ``quick`` is a smoke-size run of both studies (5 distinct classes, 128 points,
+k = 10, width 3, Adam, 120 steps, branches without spectral normalisation — it roughly
+halves the compile time on CPU) that takes minutes on 2 CPU cores. Its γ start at 0.1, not
+the paper's 1.0: Adam moves γ by at most about the learning rate per step, so from 1.0 the
+constraint γ = 0 cannot be reached in 120 steps and the selected projection would be an
+untrained function. ``paper`` follows the paper:
+40 classes, 300 points, k = 20, width 21 (64/3), batch 32, 250 epochs, SGD with learning
+rate 0.1, momentum 0.9, cosine decay to 1e-3 and weight decay 1e-4 on the network
+parameters (not on γ) — passed to the engine as ``TrainConfig.optimizer`` —, dual learning
+rate 1e-4.
+
+Outputs in DIR:
+
+- ``results.json``: ``{"config": {...}, "runs": {"clean" | "dropout": {method:
+  {"class_acc_projection", "instance_acc_projection", "class_acc_full",
+  "instance_acc_full"}: {"mean", "std"} over seeds}}}``;
+- ``per_seed.json`` (each run's numbers, best epoch, final γ, seconds, median epoch time);
+- ``curves_<study>.png`` (validation accuracy per epoch, projection solid, full dashed),
+  ``train_loss_<study>.png``, ``gamma_<study>_<method>.png`` (γ / λ / u of the first seed),
+  ``table.md``, and the engine's logs under ``runs/<study>/<method>/seed<N>/``.
+
+:func:`benchmark_case` gives the paper-size Task and one training batch for the step benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+
+from ace_jax import METHOD_NAMES, Task, TrainConfig, fit, gammas, get_method, named_leaves, random_rotation, rotate_points
+from data.pointcloud import random_rotations, rotate
+from experiments.common import add_study_args, markdown_table, parse_list, summarize, write_json
+from models.vn_dgcnn import VNDGCNN, init_variables
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STUDIES = ("clean", "dropout")
+METRICS = ("class_acc_projection", "instance_acc_projection", "class_acc_full", "instance_acc_full")
+# "scheduled" needs a Lie-derivative regulariser this task does not define.
+SUPPORTED_METHODS = tuple(m for m in METHOD_NAMES if m != "scheduled")
+QUICK_CLASSES = ("sphere", "cube", "cylinder", "thin_torus", "table")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Every setting of one study run (data, model, optimisation)."""
+
+    epochs: int
+    seeds: int
+    batch_size: int
+    num_points: int
+    k: int
+    width: int
+    head_hidden: tuple[int, ...]
+    optimizer: str  # "adam" or "sgd"
+    learning_rate: float
+    dual_learning_rate: float
+    classes: tuple[str, ...] | None = None  # None: every class of the data
+    num_per_class_train: int = 100  # synthetic data only
+    num_per_class_val: int = 20
+    num_per_class_test: int = 40
+    val_fraction: float = 0.1  # real data: class-stratified hold-out of the training files
+    data_seed: int = 0
+    dropout: float = 0.5
+    label_smoothing: float = 0.2
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0  # on network parameters, never on γ
+    final_learning_rate: float | None = None  # sgd: cosine decay to this value
+    gamma_init: float = 1.0
+    spectral_branch: bool = True  # spectrally normalised branches (METHOD.md §5)
+    eval_batch_size: int = 64
+    methods: tuple[str, ...] = ("vanilla", "ace", "ace-resilient")
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must satisfy 0 <= s < 1, got {self.label_smoothing}")
+        if self.num_points < self.k:
+            raise ValueError(f"num_points ({self.num_points}) must be >= k ({self.k})")
+
+
+PRESETS = {
+    "quick": Preset(
+        epochs=12, seeds=1, batch_size=8, num_points=128, k=10, width=3, head_hidden=(32,),
+        optimizer="adam", learning_rate=3e-3, dual_learning_rate=3e-2, classes=QUICK_CLASSES,
+        num_per_class_train=16, num_per_class_val=6, num_per_class_test=10, eval_batch_size=32,
+        spectral_branch=False, gamma_init=0.1,
+    ),
+    "paper": Preset(
+        epochs=250, seeds=3, batch_size=32, num_points=300, k=20, width=21, head_hidden=(512, 256),
+        optimizer="sgd", learning_rate=0.1, dual_learning_rate=1e-4, final_learning_rate=1e-3,
+        weight_decay=1e-4, num_per_class_train=100, num_per_class_val=20, num_per_class_test=40,
+        eval_batch_size=128,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def subset_classes(data: dict, classes: tuple[str, ...] | None) -> dict:
+    """Keep only ``classes`` (names) and relabel them 0..n−1 in the given order."""
+    if classes is None:
+        return data
+    names = list(data["class_names"])
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise ValueError(f"unknown classes {missing}; the data has: {', '.join(names)}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct, got {classes}")
+    new_label = np.full(len(names), -1, np.int64)
+    for i, c in enumerate(classes):
+        new_label[names.index(c)] = i
+    out = {"class_names": list(classes)}
+    for split in ("train", "val", "test"):
+        points, labels = data[split]
+        keep = new_label[labels] >= 0
+        out[split] = (points[keep], new_label[labels[keep]].astype(np.int32))
+    return out
+
+
+def load_data(source: str, preset: Preset, cache_dir=None) -> dict:
+    """Splits as engine datasets ``{"points": (N, P, 3) float32, "label": (N,) int32}``.
+
+    Validation and test clouds are rotated by one fixed uniform rotation each (seeded by
+    ``preset.data_seed``); training clouds stay canonical (the loss rotates them).
+    Returns ``{"train", "val", "test", "class_names"}``.
+    """
+    if source == "synthetic":
+        from data.shapes import make_shapes
+
+        raw = make_shapes(preset.num_per_class_train, preset.num_per_class_val, preset.num_per_class_test,
+                          num_points=preset.num_points, seed=preset.data_seed, cache_dir=cache_dir)
+    else:
+        from data.modelnet import load_modelnet40
+
+        raw = load_modelnet40(source, num_points=preset.num_points, val_fraction=preset.val_fraction,
+                              seed=preset.data_seed, cache_dir=cache_dir)
+    raw = subset_classes(raw, preset.classes)
+    out = {"class_names": raw["class_names"]}
+    for index, split in enumerate(("train", "val", "test")):
+        points, labels = raw[split]
+        if len(labels) == 0:
+            raise ValueError(f"the {split} split is empty; raise its size or use more classes")
+        points = np.asarray(points, np.float32)
+        if split != "train":
+            rotations = random_rotations(np.random.default_rng([preset.data_seed, index]), len(points))
+            points = rotate(points, rotations).astype(np.float32)
+        out[split] = {"points": points, "label": np.asarray(labels, np.int32)}
+    return out
+
+
+def drop_points_jax(key: jax.Array, points: jax.Array, fraction: float) -> jax.Array:
+    """Drop round(fraction·P) random points of ONE cloud ``(P, 3)``; refill their slots with
+    copies of kept points chosen uniformly with replacement (shape unchanged).
+
+    The rule of :func:`data.pointcloud.drop_points`, in jax so it runs inside the jitted loss
+    with the per-example key (new points dropped every step). ``fraction`` is static.
+    """
+    if points.ndim != 2 or points.shape[-1] != 3:
+        raise ValueError(f"drop_points_jax expects one cloud of shape (P, 3), got {points.shape}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"drop fraction must satisfy 0 <= fraction < 1, got {fraction}")
+    num_points = points.shape[0]
+    num_drop = int(round(fraction * num_points))
+    num_keep = num_points - num_drop
+    if num_keep < 1:
+        raise ValueError(f"fraction={fraction} would drop all {num_points} points; keep at least one")
+    if num_drop == 0:
+        return points
+    k_order, k_donor = jax.random.split(key)
+    order = jax.random.permutation(k_order, num_points)
+    kept, dropped = order[:num_keep], order[num_keep:]
+    donors = kept[jax.random.randint(k_donor, (num_drop,), 0, num_keep)]
+    return points.at[dropped].set(points[donors])
+
+
+# --------------------------------------------------------------------------- task
+
+
+def build_model(preset: Preset, num_classes: int) -> VNDGCNN:
+    return VNDGCNN(num_classes=num_classes, k=preset.k, width=preset.width, gamma_init=preset.gamma_init,
+                   head_hidden=tuple(preset.head_hidden), spectral_branch=preset.spectral_branch)
+
+
+def smoothed_cross_entropy(logits: jax.Array, label: jax.Array, smoothing: float) -> jax.Array:
+    """−Σ_c t_c log softmax(logits)_c with t = (1 − s)·onehot(label) + s/num_classes."""
+    targets = optax.smooth_labels(jax.nn.one_hot(label, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_task(model: VNDGCNN, num_points: int, dropout: float = 0.0, label_smoothing: float = 0.2) -> Task:
+    """The engine's view: one example is ``{"points": (P, 3), "label": ()}``.
+
+    loss: random SO(3) rotation (and point dropout if ``dropout > 0``) from the example's
+    key, then smoothed cross entropy. metric: ``{"accuracy", "loss"}`` (plain cross
+    entropy) on the example as given. transform: a random rotation of the points.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must satisfy 0 <= dropout < 1, got {dropout}")
+
+    def loss(variables, example, rng, project):
+        k_rotation, k_drop = jax.random.split(rng)
+        points = rotate_points(example["points"], random_rotation(k_rotation))
+        if dropout > 0:
+            points = drop_points_jax(k_drop, points, dropout)
+        logits = model.apply(variables, points, project=project)
+        return smoothed_cross_entropy(logits, example["label"], label_smoothing)
+
+    def metric(variables, example, project):
+        logits = model.apply(variables, example["points"], project=project)
+        return {
+            "accuracy": (jnp.argmax(logits) == example["label"]).astype(jnp.float32),
+            "loss": smoothed_cross_entropy(logits, example["label"], 0.0),
+        }
+
+    def transform(rng, example):
+        return {**example, "points": rotate_points(example["points"], random_rotation(rng))}
+
+    return Task(
+        init=lambda rng, has_branches: init_variables(model, rng, num_points, project=not has_branches),
+        loss=loss,
+        metric=metric,
+        transform=transform,
+    )
+
+
+def benchmark_case(batch: int, seed: int = 0) -> tuple[Task, dict]:
+    """The paper-size Task (40 classes, 300 points, k = 20, width 21) and one training batch
+    ``{"points": (batch, 300, 3), "label": (batch,)}`` of procedural shapes (seeded)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    from data.shapes import make_shapes
+
+    preset = PRESETS["paper"]
+    points, labels = make_shapes(math.ceil(batch / 40), 0, 0, num_points=preset.num_points, seed=seed)["train"]
+    pick = np.random.default_rng(seed).permutation(len(labels))[:batch]
+    data = {"points": np.asarray(points[pick], np.float32), "label": np.asarray(labels[pick], np.int32)}
+    return make_task(build_model(preset, 40), preset.num_points, 0.0, preset.label_smoothing), data
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_predictor(model: VNDGCNN, project: bool, batch_size: int):
+    """``predict(variables, points (N, P, 3)) -> labels (N,)`` in padded batches (one compile)."""
+    batched = jax.jit(jax.vmap(lambda v, p: jnp.argmax(model.apply(v, p, project=project)), in_axes=(None, 0)))
+
+    def predict(variables, points: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(points), batch_size):
+            chunk = points[start : start + batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
+            out.append(np.asarray(batched(variables, padded))[: len(chunk)])
+        return np.concatenate(out)
+
+    return predict
+
+
+def accuracies(predicted: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(class accuracy = mean over the classes present of per-class accuracy, instance accuracy)."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape or labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"predicted {predicted.shape} and labels {labels.shape} must be equal non-empty 1-D")
+    correct = predicted == labels
+    per_class = [correct[labels == c].mean() for c in np.unique(labels)]
+    return float(np.mean(per_class)), float(correct.mean())
+
+
+# --------------------------------------------------------------------------- study
+
+
+def primal_optimizer(preset: Preset, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation | None:
+    """None (the engine's Adam(learning_rate)) or SGD with momentum, cosine decay and weight
+    decay on ``params`` only (γ is not decayed: its pull to 0 is the constraint's job)."""
+    if preset.optimizer == "adam":
+        return None
+    final = preset.final_learning_rate if preset.final_learning_rate is not None else preset.learning_rate
+    schedule = optax.cosine_decay_schedule(preset.learning_rate, max(1, steps_per_epoch * epochs),
+                                           alpha=final / preset.learning_rate)
+    parts = []
+    if preset.weight_decay > 0:
+        only_params = lambda tree: {k: jax.tree.map(lambda _: k == "params", v) for k, v in tree.items()}  # noqa: E731
+        parts.append(optax.add_decayed_weights(preset.weight_decay, mask=only_params))
+    parts.append(optax.sgd(schedule, momentum=preset.momentum))
+    return optax.chain(*parts)
+
+
+def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, predictors, progress: bool) -> dict:
+    """Train one method with one seed; test accuracies of the selected variables."""
+    steps_per_epoch = len(data["train"]["label"]) // preset.batch_size
+    config = TrainConfig(
+        epochs=preset.epochs, batch_size=preset.batch_size, learning_rate=preset.learning_rate,
+        dual_learning_rate=preset.dual_learning_rate, eval_batch_size=preset.eval_batch_size,
+        optimizer=primal_optimizer(preset, steps_per_epoch, preset.epochs),
+        select_on="projection", select_metric="accuracy", select_mode="max",
+        seed=seed, out_dir=str(run_dir), resume=False, progress=progress,
+    )
+    result = fit(task, data["train"], data["val"], data["test"], get_method(method), config)
+    has_branches = get_method(method).has_branches
+    points, labels = data["test"]["points"], data["test"]["label"]
+    proj = accuracies(predictors[True](result.best_variables, points), labels)
+    full = accuracies(predictors[False](result.best_variables, points), labels) if has_branches else proj
+    epoch_seconds = [r["seconds"] for r in result.history[1:]] or [result.history[0]["seconds"]]
+    return {
+        "seed": seed,
+        "class_acc_projection": proj[0], "instance_acc_projection": proj[1],
+        "class_acc_full": full[0], "instance_acc_full": full[1],
+        "best_epoch": int(result.best_epoch),
+        "final_gammas": {k: float(v) for k, v in named_leaves(gammas(result.best_variables)).items()},
+        "seconds": result.seconds,
+        # Median over the epochs after the first (which includes compilation), validation included.
+        "epoch_seconds": float(np.median(epoch_seconds)),
+        "_history": result.history,
+    }
+
+
+def plot_train_loss(histories: dict, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, history) in enumerate(histories.items()):
+        ax.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], color=f"C{i}", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (smoothed CE)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=STUDIES, first_seed: int = 0,
+              progress: bool = True, cache_dir=None) -> dict:
+    """Run every study × method × seed; write results.json, per_seed.json, plots, table.md."""
+    from experiments.plotting import plot_curves, plot_trajectories
+
+    for name in preset.methods:
+        if name not in SUPPORTED_METHODS:
+            raise ValueError(f"unsupported method {name!r}; choose from {', '.join(SUPPORTED_METHODS)}")
+    for study in studies:
+        if study not in STUDIES:
+            raise ValueError(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
+    if "dropout" in studies and preset.dropout <= 0:
+        raise ValueError("the dropout study needs dropout > 0 (or run only the clean study)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = load_data(source, preset, cache_dir)
+    num_classes = len(data["class_names"])
+    model = build_model(preset, num_classes)
+    # Shared by all runs: jax.jit reuses the compiled program for equal variable trees.
+    predictors = {p: make_predictor(model, p, preset.eval_batch_size) for p in (True, False)}
+    seeds = list(range(first_seed, first_seed + preset.seeds))
+
+    runs, per_seed, timing = {}, {}, {}
+    for study in studies:
+        fraction = preset.dropout if study == "dropout" else 0.0
+        task = make_task(model, preset.num_points, fraction, preset.label_smoothing)
+        runs[study], per_seed[study], timing[study] = {}, {}, {}
+        histories = {}
+        for method in preset.methods:
+            records = [run_one(task, data, method, preset, seed, out_dir / "runs" / study / method / f"seed{seed}",
+                               predictors, progress) for seed in seeds]
+            runs[study][method] = {m: summarize([r[m] for r in records]) for m in METRICS}
+            per_seed[study][method] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+            timing[study][method] = {"fit_seconds": float(np.mean([r["seconds"] for r in records])),
+                                     "epoch_seconds": float(np.median([r["epoch_seconds"] for r in records]))}
+            histories[method] = records[0]["_history"]
+            if get_method(method).has_branches:
+                plot_trajectories(histories[method], out_dir / f"gamma_{study}_{method}.png",
+                                  f"{study}: {method} γ / λ / u (seed {seeds[0]})")
+        title = f"{study} (dropout {fraction:g})"
+        plot_curves(histories, out_dir / f"curves_{study}.png", metric="accuracy", title=title, logy=False)
+        plot_train_loss(histories, out_dir / f"train_loss_{study}.png", title)
+
+    config = {
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(preset).items()},
+        "data": source,
+        "class_names": data["class_names"],
+        "split_sizes": {s: int(len(data[s]["label"])) for s in ("train", "val", "test")},
+        "studies": {s: (preset.dropout if s == "dropout" else 0.0) for s in studies},
+        "seeds_used": seeds,
+        "selection": "best validation accuracy of the projection (every method)",
+        "augmentation": "fresh uniform SO(3) rotation per training example and step (inside the loss); "
+                        "fixed seeded rotation per validation/test cloud; dropout on training clouds only",
+        "normalisation_note": "VNNorm: per-cloud statistics over points (stateless VN-BatchNorm); head: LayerNorm",
+        "timing": timing,
+        "wall_seconds": time.perf_counter() - t_start,
+        "device": str(jax.devices()[0].device_kind),
+    }
+    results = {"config": config, "runs": runs}
+    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "per_seed.json", per_seed)
+    (out_dir / "table.md").write_text(results_table(results))
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: study, method, the four test accuracies (mean ± std, %), epoch time."""
+    rows = []
+    for study, methods in results["runs"].items():
+        for method, r in methods.items():
+            cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
+            epoch = results["config"]["timing"][study][method]["epoch_seconds"]
+            rows.append([study, method, *cells, f"{epoch:.1f}"])
+    header = ["study", "method", "class acc proj %", "inst acc proj %", "class acc full %", "inst acc full %",
+              "s / epoch"]
+    return markdown_table(header, rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = add_study_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), PRESETS)
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a local ModelNet40 folder")
+    parser.add_argument("--dropout", type=float, default=None, help="fraction of points dropped in the dropout study")
+    parser.add_argument("--studies", default=None, help="comma-separated subset of " + ", ".join(STUDIES))
+    parser.add_argument("--classes", default=None, help="comma-separated class names, or 'all'")
+    parser.add_argument("--cache-dir", default=None, help="data cache folder")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    changes = {}
+    if args.methods is not None:
+        changes["methods"] = tuple(parse_list(args.methods, SUPPORTED_METHODS, "methods"))
+    for name in ("seeds", "epochs"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{name} must be >= 1, got {value}")
+            changes[name] = value
+    if args.dropout is not None:
+        if not 0.0 < args.dropout < 1.0:
+            raise SystemExit(f"--dropout must satisfy 0 < P < 1, got {args.dropout}")
+        changes["dropout"] = args.dropout
+    if args.classes is not None:
+        changes["classes"] = None if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    preset = dataclasses.replace(preset, **changes)
+    studies = parse_list(args.studies, STUDIES, "studies")
+    if args.data != "synthetic" and not Path(args.data).exists():
+        raise SystemExit(f"--data {args.data}: no such folder (use 'synthetic' or a local ModelNet40 copy)")
+    results = run_study(preset, Path(args.out), args.data, studies, args.seed, not args.no_progress, args.cache_dir)
+    print(results_table(results))
+    print(f"wall time {results['config']['wall_seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

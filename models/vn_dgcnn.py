@@ -1,0 +1,384 @@
+"""Vector Neurons (Deng et al. 2021) and the VN-DGCNN point-cloud classifier, with ACE branches.
+
+A *vector feature* is an array ``(..., C, 3)``: C channels, each a 3-vector. A rotation R
+acts on every channel, V ↦ V Rᵀ (row vectors, as :func:`ace_jax.rotate_points`). Leading
+axes index points (and neighbours); the model handles ONE cloud, the engine vmaps it.
+
+Layers (each SO(3)-equivariant, in fact O(3)-equivariant, and shared over points):
+
+- VN-Linear: V' = Wᵀ V, i.e. V'_{c'} = Σ_c W_{c c'} V_c. It mixes channels only (never the
+  xyz axis), has no bias (a bias vector would not rotate), so (V Rᵀ)' = V' Rᵀ.
+- VN-LeakyReLU with learned directions: from the same input V, a feature q = W_q V and a
+  direction k = W_k V (per channel, or one shared channel). With slope α,
+
+      out = α q + (1 − α) · ( q                               if ⟨q, k⟩ ≥ 0
+                              q − ⟨q, k⟩ / (‖k‖² + ε) · k     otherwise )
+
+  i.e. the component of q along k is projected out when q points against k. ⟨·,·⟩ and ‖·‖
+  are rotation invariant and q, k rotate, so the output rotates.
+- VN-Norm (stateless replacement for VN-BatchNorm, see below): per channel c the vector
+  norms n = ‖V_c‖ are standardised over all leading axes of ONE cloud (its points, and
+  neighbours in an edge convolution): n̂ = (n − mean n) / sqrt(var n + ε) · a_c + b_c, then
+  V_c ↦ V_c / n · n̂. The statistics are invariant to rotations and to the order of the points.
+- VN invariant layer ("std-feature"): two VN-LeakyReLU layers and a VN-Linear map V to an
+  equivariant frame Z (3 vectors per point); the invariant features are the inner products
+  ⟨V_c, Z_j⟩ (C × 3 numbers per point): both factors rotate, so the products do not.
+
+Deviation from the paper: VN-BatchNorm uses batch statistics in training and running
+averages in evaluation (a mutable ``batch_stats`` collection). The ACE engine does not
+thread mutable collections and vmaps the model over single clouds, so :class:`VNNorm` uses
+per-cloud statistics over points instead (an instance norm of the vector norms). It is
+deterministic, identical in training and evaluation, and keeps the model invariant per
+cloud. The classifier head uses LayerNorm instead of BatchNorm1d and no dropout.
+
+VN-DGCNN (the classifier, for one cloud ``points (P, 3)``; w = ``width``, 21 ≈ 64/3 in the paper):
+
+1. kNN graph (k neighbours, the point itself included, as DGCNN) on the coordinates; edge
+   features [x_j − x_i, x_i, x_j × x_i] → (P, k, 3, 3) (the cross product as in the public
+   VN-DGCNN; ``cross_product=False`` gives [x_j − x_i, x_i]);
+2. four EdgeConv blocks: VN-LeakyReLU on edge features, mean over the k neighbours,
+   widths (w, w, 2w, 4w). Blocks 2–4 rebuild the graph in feature space (dynamic graph,
+   kNN on the flattened C·3 numbers, a rotation-invariant distance) with edge features
+   [V_j − V_i, V_i] per channel → (P, k, 2C, 3);
+3. concatenation of the four outputs (8w channels), VN-LeakyReLU to 16w channels (one
+   shared direction, as the paper's conv5), concatenation with its mean over points (32w);
+4. invariant layer → (P, 32w·3) invariant numbers, mean over points;
+5. MLP head (Dense → LayerNorm → LeakyReLU(0.2) per hidden layer) → logits.
+
+ACE (METHOD.md §1, "VN layers 2"): every VN-LeakyReLU block carries two symmetry-breaking
+branches, one on the feature path and one on the direction path,
+
+    q = W_q V + γ_q · g_q(V),     k = W_k V + γ_k · g_k(V),
+
+and the frame VN-Linear of the invariant layer carries one (15 γ in all). g is an
+:class:`ace_jax.MLPBranch` acting on the C·3 numbers of ONE point (or edge) flattened in
+(channel, xyz) order, and its C'·3 outputs are reshaped back to (C', 3) in the same order
+(:class:`VectorBranch`). With ``project=True`` no branch is evaluated (and initialising
+with ``project=True`` creates neither branch parameters nor γ: the vanilla VN-DGCNN).
+(Flattening (C, 3) to C·3 and reshaping back must use the same axis order for every point;
+reshaping a channels-first (C, 3, P) layout without the matching transpose would mix
+numbers of different points — ``tests/test_vn_dgcnn.py`` checks the layout.)
+
+:func:`init_variables` builds the same variables as ``VNDGCNN.init`` from one random draw,
+without compiling ~75 per-parameter initialisers (slow on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ace_jax import GAMMA, MLPBranch, SymmetryBreaking, named_leaves
+
+EPS = 1e-6
+"""ε of the VN nonlinearity and norms (as in the public Vector Neurons code)."""
+
+
+def _check_vectors(x: jax.Array, name: str) -> None:
+    if x.ndim < 2 or x.shape[-1] != 3:
+        raise ValueError(f"{name} expects vector features of shape (..., C, 3), got {x.shape}")
+
+
+def safe_norm(v: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """‖v‖ = sqrt(Σ v² + ε²): a smooth norm whose gradient is finite at v = 0 (zero edges)."""
+    return jnp.sqrt(jnp.sum(v * v, axis=axis, keepdims=keepdims) + EPS**2)
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def knn_indices(features: jax.Array, k: int) -> jax.Array:
+    """Indices of the k nearest rows of ``features (P, D)`` to each row, nearest first.
+
+    Squared Euclidean distance d_ij = ‖f_i‖² + ‖f_j‖² − 2⟨f_i, f_j⟩; the row itself
+    (distance 0) is included, as in DGCNN. Returns int32 ``(P, k)``.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"knn_indices expects features of shape (P, D), got {features.shape}")
+    num_points = features.shape[0]
+    if not 1 <= k <= num_points:
+        raise ValueError(f"k must satisfy 1 <= k <= number of points ({num_points}), got {k}")
+    squared = jnp.sum(features * features, axis=-1)
+    distance = squared[:, None] + squared[None, :] - 2.0 * features @ features.T
+    _, indices = jax.lax.top_k(-jax.lax.stop_gradient(distance), k)
+    return indices
+
+
+def edge_features(vectors: jax.Array, k: int) -> jax.Array:
+    """EdgeConv input on vector features: kNN in feature space, edges [V_j − V_i, V_i].
+
+    Args:
+      vectors: (P, C, 3) vector features of one cloud.
+      k: neighbours per point.
+    Returns:
+      (P, k, 2C, 3): channels 0..C−1 are V_j − V_i, channels C..2C−1 are V_i, for the j-th
+      nearest neighbour of point i in the flattened (C·3) feature space.
+    """
+    _check_vectors(vectors, "edge_features")
+    if vectors.ndim != 3:
+        raise ValueError(f"edge_features expects (P, C, 3) for one cloud, got {vectors.shape}")
+    num_points, channels, _ = vectors.shape
+    indices = knn_indices(vectors.reshape(num_points, channels * 3), k)
+    neighbours = vectors[indices]  # (P, k, C, 3)
+    centre = jnp.broadcast_to(vectors[:, None], neighbours.shape)
+    return jnp.concatenate([neighbours - centre, centre], axis=-2)
+
+
+def point_edge_features(points: jax.Array, k: int, cross_product: bool = True) -> jax.Array:
+    """First-layer edges on coordinates: [x_j − x_i, x_i(, x_j × x_i)] → (P, k, 2 or 3, 3)."""
+    if points.ndim != 2 or points.shape[-1] != 3:
+        raise ValueError(f"point_edge_features expects points of shape (P, 3), got {points.shape}")
+    indices = knn_indices(points, k)
+    neighbours = points[indices]  # (P, k, 3)
+    centre = jnp.broadcast_to(points[:, None], neighbours.shape)
+    channels = [neighbours - centre, centre]
+    if cross_product:
+        channels.append(jnp.cross(neighbours, centre))
+    return jnp.stack(channels, axis=-2)
+
+
+# --------------------------------------------------------------------------- VN layers
+
+
+class VNLinear(nn.Module):
+    """VN-Linear ``(..., C, 3) → (..., features, 3)``: V'_{c'} = Σ_c W_{c c'} V_c (no bias)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_vectors(x, "VNLinear")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-2], self.features))
+        return jnp.einsum("...ci,cd->...di", x, kernel.astype(x.dtype))
+
+
+def vn_leaky_relu(q: jax.Array, k: jax.Array, negative_slope: float = 0.2) -> jax.Array:
+    """VN-LeakyReLU of features q (..., C, 3) along directions k (..., C or 1, 3); see the module doc."""
+    dot = jnp.sum(q * k, axis=-1, keepdims=True)
+    k_norm_sq = jnp.sum(k * k, axis=-1, keepdims=True)
+    projected = q - dot / (k_norm_sq + EPS) * k
+    rectified = jnp.where(dot >= 0, q, projected)
+    return negative_slope * q + (1.0 - negative_slope) * rectified
+
+
+class VNNorm(nn.Module):
+    """Stateless VN norm: standardise each channel's vector norms over the leading axes.
+
+    For x (..., C, 3): n = ‖x_c‖ (..., C); n̂ = (n − mean n)/sqrt(var n + ε)·scale_c + bias_c
+    with mean/var over ALL leading axes (the points of one cloud); returns x / n · n̂.
+    Replaces VN-BatchNorm (module doc). With a single leading element the variance is 0
+    and n̂ = bias.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_vectors(x, "VNNorm")
+        channels = x.shape[-2]
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        norms = safe_norm(x)  # (..., C)
+        axes = tuple(range(norms.ndim - 1))
+        mean = jnp.mean(norms, axis=axes)
+        var = jnp.var(norms, axis=axes)
+        standardized = (norms - mean) / jnp.sqrt(var + EPS) * scale + bias
+        return x * (standardized / norms)[..., None]
+
+
+class VectorBranch(nn.Module):
+    """Symmetry-breaking branch on vector features: ``(..., C, 3) → (..., features, 3)``.
+
+    The (C, 3) numbers of each leading index (one point or one edge) are flattened in
+    (channel, xyz) order — flat[c·3 + i] = x[c, i] — passed through an
+    :class:`ace_jax.MLPBranch` with ``features·3`` outputs, and reshaped back with the same
+    order, out[c', i] = y[c'·3 + i]. Different points never mix.
+    """
+
+    features: int
+    hidden: Sequence[int] = ()
+    spectral: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_vectors(x, "VectorBranch")
+        flat = x.reshape(x.shape[:-2] + (x.shape[-2] * 3,))
+        y = MLPBranch(self.features * 3, hidden=tuple(self.hidden), spectral=self.spectral, name="mlp")(flat)
+        return y.reshape(x.shape[:-2] + (self.features, 3))
+
+
+class VNLinearLeakyReLU(nn.Module):
+    """VN block: feature path q = W_q V (+ γ_q g_q(V)), VNNorm, direction path k = W_k V
+    (+ γ_k g_k(V)), then :func:`vn_leaky_relu`. ``(..., C, 3) → (..., features, 3)``.
+
+    Attributes:
+      features: output channels.
+      negative_slope: α of the leaky nonlinearity (0.2 in the paper).
+      shared_direction: one direction channel for all features (the paper's conv5).
+      use_norm: apply :class:`VNNorm` to q.
+      branch_hidden / spectral_branch: the breaking MLPs (see :class:`VectorBranch`).
+      gamma_init: initial γ of both branches.
+    """
+
+    features: int
+    negative_slope: float = 0.2
+    shared_direction: bool = False
+    use_norm: bool = True
+    branch_hidden: Sequence[int] = ()
+    spectral_branch: bool = True
+    gamma_init: float = 1.0
+
+    def _breaking(self, channels: int, name: str) -> SymmetryBreaking:
+        # parent=None: the branch is adopted by SymmetryBreaking, so its parameters live under
+        # ``<name>/branch`` next to ``<name>/gamma`` (one sub-tree per ACE branch).
+        branch = VectorBranch(channels, hidden=self.branch_hidden, spectral=self.spectral_branch, parent=None)
+        return SymmetryBreaking(branch, gamma_init=self.gamma_init, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, project: bool = False) -> jax.Array:
+        _check_vectors(x, "VNLinearLeakyReLU")
+        q = VNLinear(self.features, name="feature")(x)
+        if not project:
+            q = q + self._breaking(self.features, "feature_breaking")(x)
+        if self.use_norm:
+            q = VNNorm(name="norm")(q)
+        direction_channels = 1 if self.shared_direction else self.features
+        k = VNLinear(direction_channels, name="direction")(x)
+        if not project:
+            k = k + self._breaking(direction_channels, "direction_breaking")(x)
+        return vn_leaky_relu(q, k, self.negative_slope)
+
+
+class VNInvariant(nn.Module):
+    """Invariant features of ``x (P, C, 3)``: ⟨x_c, z_j⟩ for a learned equivariant frame z.
+
+    z = VN-Linear_3(VNLinearLeakyReLU_{C/4}(VNLinearLeakyReLU_{C/2}(x))) (+ γ g(·) on the
+    frame layer), shape (P, 3, 3). Returns (P, C·3), ordered (channel, frame vector).
+    """
+
+    negative_slope: float = 0.2
+    branch_hidden: Sequence[int] = ()
+    spectral_branch: bool = True
+    gamma_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, project: bool = False) -> jax.Array:
+        _check_vectors(x, "VNInvariant")
+        channels = x.shape[-2]
+        block = dict(negative_slope=self.negative_slope, branch_hidden=self.branch_hidden,
+                     spectral_branch=self.spectral_branch, gamma_init=self.gamma_init)
+        z = VNLinearLeakyReLU(max(channels // 2, 1), name="frame1", **block)(x, project)
+        z = VNLinearLeakyReLU(max(channels // 4, 1), name="frame2", **block)(z, project)
+        frame = VNLinear(3, name="frame")(z)
+        if not project:
+            branch = VectorBranch(3, hidden=self.branch_hidden, spectral=self.spectral_branch, parent=None)
+            frame = frame + SymmetryBreaking(branch, gamma_init=self.gamma_init, name="frame_breaking")(z)
+        invariant = jnp.einsum("...ci,...ji->...cj", x, frame)
+        return invariant.reshape(x.shape[:-2] + (channels * 3,))
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+class VNDGCNN(nn.Module):
+    """VN-DGCNN classifier of one point cloud (module doc), with ACE branches.
+
+    Attributes:
+      num_classes: number of logits.
+      k: neighbours of the kNN graphs (20 in the paper).
+      width: base channel count w; EdgeConv widths (w, w, 2w, 4w), global layer 16w.
+      gamma_init: initial γ of every branch.
+      head_hidden: hidden sizes of the MLP head.
+      negative_slope: slope of every VN-LeakyReLU and of the head.
+      cross_product: add x_j × x_i to the first layer's edge features.
+      branch_hidden / spectral_branch: the breaking MLPs.
+
+    Call: ``(points (P, 3), project=False) -> logits (num_classes,)``.
+    """
+
+    num_classes: int = 40
+    k: int = 20
+    width: int = 21
+    gamma_init: float = 1.0
+    head_hidden: Sequence[int] = (512, 256)
+    negative_slope: float = 0.2
+    cross_product: bool = True
+    branch_hidden: Sequence[int] = ()
+    spectral_branch: bool = True
+
+    @nn.compact
+    def __call__(self, points: jax.Array, project: bool = False) -> jax.Array:
+        points = jnp.asarray(points)
+        if points.ndim != 2 or points.shape[-1] != 3:
+            raise ValueError(f"VNDGCNN expects one cloud of shape (P, 3), got {points.shape}")
+        if points.shape[0] < self.k:
+            raise ValueError(f"VNDGCNN needs at least k={self.k} points, got {points.shape[0]}")
+        if self.width < 1 or self.num_classes < 1:
+            raise ValueError(f"width and num_classes must be >= 1, got {self.width}, {self.num_classes}")
+        block = dict(negative_slope=self.negative_slope, branch_hidden=self.branch_hidden,
+                     spectral_branch=self.spectral_branch, gamma_init=self.gamma_init)
+        w = self.width
+
+        edges = point_edge_features(points, self.k, self.cross_product)
+        x1 = VNLinearLeakyReLU(w, name="conv1", **block)(edges, project).mean(axis=1)
+        x2 = VNLinearLeakyReLU(w, name="conv2", **block)(edge_features(x1, self.k), project).mean(axis=1)
+        x3 = VNLinearLeakyReLU(2 * w, name="conv3", **block)(edge_features(x2, self.k), project).mean(axis=1)
+        x4 = VNLinearLeakyReLU(4 * w, name="conv4", **block)(edge_features(x3, self.k), project).mean(axis=1)
+        x = jnp.concatenate([x1, x2, x3, x4], axis=-2)  # (P, 8w, 3)
+        x = VNLinearLeakyReLU(16 * w, shared_direction=True, name="conv5", **block)(x, project)
+        x = jnp.concatenate([x, jnp.broadcast_to(x.mean(axis=0, keepdims=True), x.shape)], axis=-2)
+        invariant = VNInvariant(name="invariant", **block)(x, project)
+        h = invariant.mean(axis=0)  # (32w·3,)
+        for i, size in enumerate(self.head_hidden):
+            h = nn.Dense(size, name=f"head{i}")(h)
+            h = nn.LayerNorm(name=f"head{i}_norm")(h)
+            h = nn.leaky_relu(h, self.negative_slope)
+        return nn.Dense(self.num_classes, name="logits")(h)
+
+
+def init_variables(model: VNDGCNN, rng: jax.Array, num_points: int, project: bool = False) -> dict:
+    """Variables of ``model`` for clouds of ``num_points`` points, from ONE random draw.
+
+    Same tree as ``model.init(rng, points, project=project)`` (read off with
+    ``jax.eval_shape``, nothing is compiled), filled as: every 2-D ``kernel`` (fan_in,
+    fan_out) ~ N(0, 1/fan_in) (LeCun normal, untruncated); every ``bias`` 0; every ``scale``
+    1 (VNNorm, LayerNorm); every γ = ``model.gamma_init``. All kernels come from a single
+    ``jax.random.normal`` of the total size, split in tree order: compiling flax's per-parameter
+    initialisers (about 75 threefry draws) takes tens of seconds on a CPU, this takes none.
+    Same ``rng`` → same numbers.
+    """
+    if num_points < model.k:
+        raise ValueError(f"num_points must be >= k={model.k}, got {num_points}")
+    points = jax.ShapeDtypeStruct((num_points, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda p: model.init(jax.random.PRNGKey(0), p, project=project), points)
+    named = named_leaves(shapes["params"])
+    kernels = [name for name, leaf in named.items() if name.endswith("kernel")]
+    for name in kernels:
+        if len(named[name].shape) != 2:
+            raise ValueError(f"init_variables expects 2-D kernels, {name} has shape {named[name].shape}")
+    total = sum(named[name].shape[0] * named[name].shape[1] for name in kernels)
+    draws = np.asarray(jax.random.normal(rng, (total,), jnp.float32))
+    offsets, start = {}, 0
+    for name in kernels:
+        size = named[name].shape[0] * named[name].shape[1]
+        offsets[name], start = (start, size), start + size
+
+    def fill(path, leaf):  # on the host: no per-parameter device programs
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        if name in offsets:
+            start, size = offsets[name]
+            value = draws[start : start + size].reshape(leaf.shape) / np.sqrt(leaf.shape[0])
+        elif name.endswith("scale"):
+            value = np.ones(leaf.shape)
+        elif name.endswith("bias"):
+            value = np.zeros(leaf.shape)
+        else:
+            raise ValueError(f"init_variables: no rule for parameter {name} of shape {leaf.shape}")
+        return jnp.asarray(value, leaf.dtype)
+
+    variables = {"params": jax.tree_util.tree_map_with_path(fill, shapes["params"])}
+    if GAMMA in shapes:
+        variables[GAMMA] = jax.tree.map(lambda g: jnp.asarray(np.full(g.shape, model.gamma_init), g.dtype), shapes[GAMMA])
+    return variables

@@ -1,0 +1,88 @@
+"""The point-cloud study: point dropout in jax, accuracies, class subsets, a tiny run's files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.modelnet import METRICS, Preset, accuracies, drop_points_jax, main, run_study, subset_classes
+
+
+def test_drop_points_jax_keeps_shape_and_only_kept_points():
+    points = jnp.asarray(np.random.default_rng(0).normal(size=(20, 3)), jnp.float32)
+    dropped = np.asarray(drop_points_jax(jax.random.PRNGKey(0), points, 0.25))
+    assert dropped.shape == (20, 3)
+    original = np.asarray(points)
+    # Every row is an original point, exactly 20 − 5 distinct ones survive, and the slots
+    # that still hold their own point are exactly the 15 kept ones.
+    matches = (np.abs(dropped[:, None, :] - original[None, :, :]).max(-1) == 0)
+    assert matches.any(axis=1).all()
+    assert len({int(np.argmax(row)) for row in matches}) == 15
+    assert int((np.abs(dropped - original).max(-1) == 0).sum()) == 15
+    other = np.asarray(drop_points_jax(jax.random.PRNGKey(1), points, 0.25))
+    assert not np.array_equal(other, dropped)  # a new key drops other points
+    np.testing.assert_array_equal(drop_points_jax(jax.random.PRNGKey(0), points, 0.0), points)
+    with pytest.raises(ValueError, match="fraction"):
+        drop_points_jax(jax.random.PRNGKey(0), points, 1.0)
+
+
+def test_accuracies_hand_values():
+    # per class: label 0 → 1/1, label 1 → 2/3, label 2 → 0/1; instances 3/5.
+    class_acc, instance_acc = accuracies(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 2]))
+    assert class_acc == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert instance_acc == pytest.approx(0.6)
+
+
+def test_subset_classes_relabels_in_given_order():
+    points = np.arange(6 * 2 * 3, dtype=np.float32).reshape(6, 2, 3)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    data = {s: (points, labels) for s in ("train", "val", "test")}
+    data["class_names"] = ["a", "b", "c"]
+    out = subset_classes(data, ("c", "a"))
+    assert out["class_names"] == ["c", "a"]
+    np.testing.assert_array_equal(out["train"][1], [1, 0, 1, 0])
+    np.testing.assert_array_equal(out["train"][0], points[[0, 2, 3, 5]])
+    with pytest.raises(ValueError, match="unknown classes"):
+        subset_classes(data, ("d",))
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--dropout", "1.5"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--methods", "vanilla,nonsense"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--data", str(tmp_path / "missing")])
+
+
+def test_tiny_run_writes_the_schema(tmp_path):
+    # One epoch of ACE on the dropout study (the schema's keys are "clean" | "dropout"; one
+    # study keeps this test to a single compiled model on a 2-core CPU).
+    preset = Preset(
+        epochs=1, seeds=1, batch_size=4, num_points=16, k=4, width=1, head_hidden=(4,), optimizer="adam",
+        learning_rate=1e-3, dual_learning_rate=1e-3, classes=("sphere", "cube"), num_per_class_train=4,
+        num_per_class_val=2, num_per_class_test=3, eval_batch_size=4, spectral_branch=False,
+        dropout=0.25, methods=("ace",),
+    )
+    results = run_study(preset, tmp_path, studies=("dropout",), progress=False, cache_dir=tmp_path / "cache")
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert set(stored) == {"config", "runs"}
+    assert set(stored["runs"]) == {"dropout"}
+    assert set(stored["runs"]["dropout"]) == {"ace"}
+    entry = stored["runs"]["dropout"]["ace"]
+    assert set(entry) == set(METRICS)
+    for metric in METRICS:
+        assert set(entry[metric]) == {"mean", "std"}
+        assert 0.0 <= entry[metric]["mean"] <= 1.0 and entry[metric]["std"] == 0.0
+        # 3 test clouds per class: every accuracy is a multiple of 1/6.
+        assert entry[metric]["mean"] * 6 == pytest.approx(round(entry[metric]["mean"] * 6), abs=1e-6)
+    assert stored["config"]["studies"] == {"dropout": 0.25}
+    assert stored["config"]["split_sizes"] == {"train": 8, "val": 4, "test": 6}
+    assert results["runs"] == stored["runs"]
+    for name in ("table.md", "curves_dropout.png", "train_loss_dropout.png", "gamma_dropout_ace.png", "per_seed.json"):
+        assert (tmp_path / name).is_file(), name
+    per_seed = json.loads((tmp_path / "per_seed.json").read_text())["dropout"]["ace"][0]
+    assert len(per_seed["final_gammas"]) == 15
+    assert (tmp_path / "runs" / "dropout" / "ace" / "seed0" / "log.jsonl").is_file()
