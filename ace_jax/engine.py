@@ -213,12 +213,7 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
     def evaluate(variables, data: Dataset, project: bool) -> dict:
         n = check_split("eval", data)
         totals: dict = {}
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            weights = np.zeros(batch_size, np.float32)
-            weights[: len(idx)] = 1.0
-            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-            batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+        for batch, weights in padded_batches(data, batch_size):
             if sharding is not None:
                 batch, weights = jax.device_put((batch, weights), sharding)
             sums = batch_sums(variables, batch, weights, project)
@@ -227,6 +222,21 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
         return {k: float(v) / n for k, v in totals.items()}
 
     return evaluate
+
+
+def padded_batches(data: Dataset, batch_size: int):
+    """Yield ``(batch, weights)`` covering a split in order, every batch of ``batch_size``.
+
+    The last batch is padded with copies of its first example at weight 0, so one compiled
+    program serves every batch and padding never enters a weighted sum.
+    """
+    n = check_split("eval", data)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        weights = np.zeros(batch_size, np.float32)
+        weights[: len(idx)] = 1.0
+        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        yield {k: np.asarray(v)[idx] for k, v in data.items()}, weights
 
 
 # --------------------------------------------------------------------------- trainer

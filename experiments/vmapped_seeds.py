@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ace_jax import FitResult, NonFiniteError, Task, TrainConfig, get_method, named_leaves, triangle_schedule
-from ace_jax.engine import build_step, check_split
+from ace_jax.engine import build_step, check_split, padded_batches
 from ace_jax.methods import Method
 
 
@@ -67,12 +67,7 @@ def make_seed_evaluator(task: Task, batch_size: int):
     def evaluate(stacked_variables, data, project: bool) -> list[dict]:
         n = check_split("eval", data)
         totals: dict = {}
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            weights = np.zeros(batch_size, np.float32)
-            weights[: len(idx)] = 1.0
-            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-            batch = {k: np.asarray(v)[idx] for k, v in data.items()}
+        for batch, weights in padded_batches(data, batch_size):
             for k, v in batch_sums(stacked_variables, batch, weights, project).items():
                 totals[k] = totals.get(k, 0.0) + v
         totals = {k: np.asarray(jax.device_get(v)) for k, v in totals.items()}
