@@ -43,10 +43,15 @@ m_i + γ (N−1) g(m_i / (N−1)), which is how it is computed (one node-level D
 an edge-level one; same numbers). With hidden layers g runs on every edge.
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
-come from a static index table. The first message layer is linear in
-[h_i, h_j, edge scalars], so its weight products run once per node and only the attribute
-products run per edge. Each layer does one matmul for the scalar-input paths and one for
-the vector-input path, with the constant Y0 and the normalisation folded into the weights.
+come from a static index table (measured about 2× faster per training step than a full N × N
+grid with a masked diagonal, and than slicing the diagonal out of it). The first message
+layer is linear in [h_i, h_j, edge scalars], so its weight products run once per node and
+only the attribute products run per edge. Each layer does one matmul for the scalar-input
+paths and one for the vector-input path, with the constant Y0 and the normalisation folded
+into the weights.
+
+Harmonics use e3nn's "integral" normalisation, as the SEGNN paper does; with "component"
+normalisation (‖Y‖ ≈ 2) the residual stream of this network grows ~10⁴-fold at init.
 """
 
 from __future__ import annotations

@@ -12,33 +12,63 @@ import numpy as np
 import pytest
 from e3nn_jax.legacy import FunctionalFullyConnectedTensorProduct
 
-from ace_jax import equivariance_error, named_leaves, projected_variables, random_orthogonal, random_rotation
+from ace_jax import named_leaves, projected_variables
 from models import segnn
 from models.segnn import SEGNN, PairSteerableLinear, SteerableLinear, parameter_count
 
-SMALL = dict(hidden_irreps="8x0e+8x1o", num_layers=2)
+SMALL = dict(hidden_irreps="4x0e+4x1o", num_layers=2)
 ATTR_IRREPS = "1x0e+1x1o"
 
 
-def nbody_graph(key, n=5):
-    """One N-body-like graph: positions ~ N(0, 2²), velocities ~ N(0, 0.5²), charges ±1."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    loc = 2.0 * jax.random.normal(k1, (n, 3))
-    vel = 0.5 * jax.random.normal(k2, (n, 3))
-    charges = jnp.where(jax.random.bernoulli(k3, 0.5, (n, 1)), 1.0, -1.0)
+# Test data come from numpy: eager jax ops would each be compiled and dominate the test time.
+
+
+def normal(seed, shape, scale=1.0):
+    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def nbody_graph(seed, n=5, batch=()):
+    """N-body-like graph(s): positions ~ N(0, 2²), velocities ~ N(0, 0.5²), charges ±1."""
+    rng = np.random.default_rng(seed)
+    loc = (2.0 * rng.standard_normal(batch + (n, 3))).astype(np.float32)
+    vel = (0.5 * rng.standard_normal(batch + (n, 3))).astype(np.float32)
+    charges = rng.choice(np.array([-1.0, 1.0], np.float32), size=batch + (n, 1))
     return loc, vel, charges
 
 
-def graph_batch(key, batch=4, n=5):
-    return jax.vmap(lambda k: nbody_graph(k, n))(jax.random.split(key, batch))
+def graph_batch(seed, batch=4, n=5):
+    return nbody_graph(seed, n, (batch,))
+
+
+def random_orthogonal_matrices(seed, count, proper=False):
+    """Haar-random elements of O(3) (or SO(3) with ``proper``) from QR of Gaussian matrices."""
+    out = []
+    for a in np.random.default_rng(seed).standard_normal((count, 3, 3)):
+        q, r = np.linalg.qr(a)
+        q = q * np.sign(np.diag(r))
+        if proper and np.linalg.det(q) < 0:
+            q = -q
+        out.append(q.astype(np.float32))
+    return out
+
+
+def max_equivariance_error(f, x, elements):
+    """max over group elements (R, t) and nodes of ‖f(R x + t, R v, q) − (R f(x) + t)‖."""
+    loc, vel, charges = x
+    fx = np.asarray(f(x))
+    worst = 0.0
+    for rot, shift in elements:
+        moved = np.asarray(f((loc @ rot.T + shift, vel @ rot.T, charges)))
+        worst = max(worst, float(np.max(np.linalg.norm(moved - (fx @ rot.T + shift), axis=-1))))
+    return worst
 
 
 def random_variables(module, *inputs, seed=0, gamma=0.7, project=False):
     """Variables with the structure ``module.init`` would give, filled from numpy (no XLA
     compilation of the initialisers, which would dominate the test time): steerable weights
     ~ N(0, 1), biases ~ 0.1 N(0, 1), branch kernels ~ N(0, 1/fan_in), every γ = ``gamma``."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, project=project)
-                            if isinstance(module, SEGNN) else module.init(jax.random.PRNGKey(0), *inputs))
+    kwargs = {"project": project} if isinstance(module, SEGNN) else {}
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -63,8 +93,8 @@ def random_variables(module, *inputs, seed=0, gamma=0.7, project=False):
 def e3nn_layer(params, x: e3nn.IrrepsArray, attr: e3nn.IrrepsArray, irreps_out: str, gated: bool):
     """FullyConnectedTensorProduct(x ⊗ attr -> irreps_out) with our weights, + bias, + e3nn gate.
 
-    ``x`` and ``attr`` carry one leading batch axis; ``x`` must be ``a x 0e + b x 1o`` (regrouped); weight of path (in, attr, out):
-    0e⊗0e→0e: w_ss, 1o⊗1o→0e: w_vs, 0e⊗1o→1o: w_sv, 1o⊗0e→1o: w_vv.
+    ``x`` and ``attr`` carry one leading batch axis; ``x`` is ``a x 0e + b x 1o``. Weight of
+    path (input, attribute, output): 0e⊗0e→0e w_ss, 1o⊗1o→0e w_vs, 0e⊗1o→1o w_sv, 1o⊗0e→1o w_vv.
     """
     irreps_out = e3nn.Irreps(irreps_out)
     tp = FunctionalFullyConnectedTensorProduct(x.irreps, ATTR_IRREPS, irreps_out)
@@ -78,8 +108,16 @@ def e3nn_layer(params, x: e3nn.IrrepsArray, attr: e3nn.IrrepsArray, irreps_out: 
         n_scalars = params["bias"].shape[0]
         out = e3nn.IrrepsArray(out.irreps, out.array.at[..., :n_scalars].add(params["bias"]))
     if gated:
-        out = e3nn.gate(out, even_act=jax.nn.silu, even_gate_act=jax.nn.sigmoid)
+        silu, sigmoid = normalized_activations()
+        out = e3nn.gate(out, even_act=silu, even_gate_act=sigmoid, normalize_act=False)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def normalized_activations():
+    """e3nn's second-moment normalisation of silu and sigmoid, computed once (e3nn.gate with
+    normalize_act=True would recompute it, on 10⁶ points, at every call)."""
+    return e3nn.normalize_function(jax.nn.silu), e3nn.normalize_function(jax.nn.sigmoid)
 
 
 def our_flat(x: e3nn.IrrepsArray) -> jax.Array:
@@ -163,19 +201,17 @@ def reference_segnn(variables, loc, vel, charges, *, n_s, n_v, num_layers, proje
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_steerable_linear_matches_e3nn_tensor_product(gated):
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
     n_s, n_v, rows = 5, 4, 7
-    s = jax.random.normal(k[0], (rows, n_s))
-    v = jax.random.normal(k[1], (rows, 3, n_v))
-    a0, a1 = segnn.spherical_harmonics(jax.random.normal(k[2], (rows, 3)))
+    s, v = jnp.asarray(normal(0, (rows, n_s))), jnp.asarray(normal(1, (rows, 3, n_v)))
+    a0, a1 = segnn.spherical_harmonics(normal(2, (rows, 3)))
     layer = SteerableLinear(6, 3, gated=gated)
     params = random_variables(layer, s, v, a0, a1, seed=int(gated))["params"]
-    ours_s, ours_v = layer.apply({"params": params}, s, v, a0, a1)
+    ours_s, ours_v = jax.jit(lambda p: layer.apply({"params": p}, s, v, a0, a1))(params)
 
     attr = e3nn.IrrepsArray(ATTR_IRREPS, jnp.concatenate([jnp.full((rows, 1), a0), a1], axis=-1))
     x = e3nn.concatenate([e3nn.IrrepsArray(f"{n_s}x0e", s), e3nn.IrrepsArray(f"{n_v}x1o", jnp.swapaxes(v, 1, 2).reshape(rows, -1))])
     out_irreps = "9x0e+3x1o" if gated else "6x0e+3x1o"
-    ref = e3nn_layer(params, x, attr, out_irreps, gated)
+    ref = jax.jit(lambda p: e3nn_layer(p, x, attr, out_irreps, gated))(params)
     ref_s = ref.filter(keep="0e").array
     ref_v = jnp.swapaxes(ref.filter(keep="1o").array.reshape(rows, 3, 3), 1, 2)
     np.testing.assert_allclose(ours_s, ref_s, atol=1e-5, rtol=1e-5)
@@ -183,8 +219,7 @@ def test_steerable_linear_matches_e3nn_tensor_product(gated):
 
 
 def test_irreps_array_conversion_round_trip():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    s, v = jax.random.normal(k1, (4, 3)), jax.random.normal(k2, (4, 3, 2))
+    s, v = normal(3, (4, 3)), normal(4, (4, 3, 2))
     x = segnn.to_irreps_array(s, v)
     assert x.irreps == e3nn.Irreps("3x0e+2x1o")
     np.testing.assert_array_equal(x.filter(keep="1o").array.reshape(4, 2, 3)[:, 1], v[:, :, 1])
@@ -199,18 +234,22 @@ def test_irreps_array_conversion_round_trip():
 
 def test_pair_layer_equals_steerable_linear_on_concatenated_edges():
     n, n_s, n_v = 5, 4, 3
-    k = jax.random.split(jax.random.PRNGKey(2), 5)
-    s, v = jax.random.normal(k[0], (n, n_s)), jax.random.normal(k[1], (n, 3, n_v))
+    s, v = normal(5, (n, n_s)), normal(6, (n, 3, n_v))
     send = segnn.sender_index(n)
     assert sorted(send[2].tolist()) == [0, 1, 3, 4]
-    edge_scalars = jax.random.normal(k[2], (n, n - 1, 2))
-    a0, a1 = segnn.spherical_harmonics(jax.random.normal(k[3], (n, n - 1, 3)))
+    edge_scalars = normal(7, (n, n - 1, 2))
+    a0, a1 = segnn.spherical_harmonics(normal(8, (n, n - 1, 3)))
     pair = PairSteerableLinear(6, 5)
     params = random_variables(pair, s, v, edge_scalars, a0, a1, seed=2)["params"]
-    ours = pair.apply({"params": params}, s, v, edge_scalars, a0, a1)
-    edge_s = jnp.concatenate([jnp.broadcast_to(s[:, None], (n, n - 1, n_s)), s[send], edge_scalars], axis=-1)
-    edge_v = jnp.concatenate([jnp.broadcast_to(v[:, None], (n, n - 1, 3, n_v)), v[send]], axis=-1)
-    ref = SteerableLinear(6, 5, gated=True).apply({"params": params}, edge_s, edge_v, a0, a1)
+
+    @jax.jit
+    def both(params):
+        ours = pair.apply({"params": params}, s, v, edge_scalars, a0, a1)
+        edge_s = jnp.concatenate([jnp.broadcast_to(s[:, None], (n, n - 1, n_s)), s[send], edge_scalars], axis=-1)
+        edge_v = jnp.concatenate([jnp.broadcast_to(v[:, None], (n, n - 1, 3, n_v)), v[send]], axis=-1)
+        return ours, SteerableLinear(6, 5, gated=True).apply({"params": params}, edge_s, edge_v, a0, a1)
+
+    ours, ref = both(params)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -220,15 +259,32 @@ def test_pair_layer_equals_steerable_linear_on_concatenated_edges():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("project,branch_hidden", [(True, ()), (False, ()), (False, (6,))])
-def test_model_matches_e3nn_gather_scatter_reference(project, branch_hidden):
-    loc, vel, charges = nbody_graph(jax.random.PRNGKey(3))
-    model = SEGNN(**SMALL, branch_hidden=branch_hidden)
-    variables = random_variables(model, loc, vel, charges, seed=4)
-    ours = model.apply(variables, loc, vel, charges, project=project)
-    ref = reference_segnn(variables, loc, vel, charges, n_s=8, n_v=8, num_layers=2, project=project)
-    assert float(jnp.max(jnp.abs(ref - loc))) > 1e-3  # the network does something
-    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+def test_model_matches_e3nn_gather_scatter_reference():
+    """Projection, full model with the default affine branch (computed through the
+    aggregation identity) and with an MLP branch (per edge), against the e3nn-jax reference
+    that applies every branch per edge and aggregates with segment_sum."""
+    config = dict(hidden_irreps="4x0e+4x1o", num_layers=1)
+    loc, vel, charges = map(jnp.asarray, nbody_graph(3))
+    affine, mlp = SEGNN(**config), SEGNN(**config, branch_hidden=(6,))
+    v_affine = random_variables(affine, loc, vel, charges, seed=4)
+    v_mlp = random_variables(mlp, loc, vel, charges, seed=5)
+
+    @jax.jit
+    def both(v_affine, v_mlp):
+        ours = (affine.apply(v_affine, loc, vel, charges, project=True),
+                affine.apply(v_affine, loc, vel, charges, project=False),
+                mlp.apply(v_mlp, loc, vel, charges, project=False))
+        kw = dict(n_s=4, n_v=4, num_layers=1)
+        ref = (reference_segnn(v_affine, loc, vel, charges, project=True, **kw),
+               reference_segnn(v_affine, loc, vel, charges, project=False, **kw),
+               reference_segnn(v_mlp, loc, vel, charges, project=False, **kw))
+        return ours, ref
+
+    ours, ref = both(v_affine, v_mlp)
+    assert float(jnp.max(jnp.abs(ref[0] - loc))) > 1e-3  # the network does something
+    assert float(jnp.max(jnp.abs(ref[1] - ref[0]))) > 1e-3  # and the branches too
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
 SMALL_MODEL = SEGNN(**SMALL)
@@ -241,66 +297,52 @@ def batched_apply(project: bool):
     return jax.jit(jax.vmap(lambda v, l, ve, c: SMALL_MODEL.apply(v, l, ve, c, project=project), (None, 0, 0, 0)))
 
 
-def act_in(g, x):
-    rot, shift = g
-    loc, vel, charges = x
-    return loc @ rot.T + shift, vel @ rot.T, charges
-
-
-def act_out(g, y):
-    rot, shift = g
-    return y @ rot.T + shift
-
-
 def small_variables(seed=5, gamma=1.0):
-    return random_variables(SMALL_MODEL, *nbody_graph(jax.random.PRNGKey(seed)), seed=seed, gamma=gamma)
+    return random_variables(SMALL_MODEL, *nbody_graph(seed), seed=seed, gamma=gamma)
 
 
 def test_projection_is_exactly_e3_equivariant():
     variables = small_variables()
-    x = graph_batch(jax.random.PRNGKey(6))
+    x = graph_batch(6)
 
     def f(inputs):
         return batched_apply(True)(variables, *inputs)
 
-    k_rot, k_shift = jax.random.split(jax.random.PRNGKey(7))
-    rotations = random_orthogonal(k_rot, (4,))
-    rotations = rotations.at[0].set(-jnp.eye(3))  # parity
-    rotations = rotations.at[1].set(jnp.diag(jnp.array([1.0, 1.0, -1.0])))  # a mirror
-    shifts = 3.0 * jax.random.normal(k_shift, (4, 3))
-    assert float(jnp.max(jnp.abs(f(x) - x[0]))) > 1e-3  # not the identity map
-    assert float(equivariance_error(f, x, list(zip(rotations, shifts)), act_in, act_out)) <= 1e-5
-    assert float(equivariance_error(f, x, [(jnp.eye(3), s) for s in shifts], act_in, act_out)) <= 1e-5
-    rots = random_rotation(jax.random.PRNGKey(8), (3,))
-    assert float(equivariance_error(f, x, [(r, jnp.zeros(3)) for r in rots], act_in, act_out)) <= 1e-5
+    improper = [-np.eye(3, dtype=np.float32), np.diag(np.array([1.0, 1.0, -1.0], np.float32))]  # parity, mirror
+    rotations = improper + random_orthogonal_matrices(7, 3) + random_orthogonal_matrices(8, 2, proper=True)
+    shifts = normal(9, (len(rotations), 3), scale=3.0)
+    assert float(np.max(np.abs(np.asarray(f(x)) - x[0]))) > 1e-3  # not the identity map
+    assert max_equivariance_error(f, x, list(zip(rotations, shifts))) <= 1e-5
+    assert max_equivariance_error(f, x, [(np.eye(3, dtype=np.float32), t) for t in shifts]) <= 1e-5
+    assert max_equivariance_error(f, x, [(r, np.zeros(3, np.float32)) for r in rotations]) <= 1e-5
 
 
 def test_full_model_breaks_rotation_equivariance_and_gamma_zero_restores_it():
     variables = small_variables()
-    x = graph_batch(jax.random.PRNGKey(11))
-    elements = [(r, jnp.zeros(3)) for r in random_rotation(jax.random.PRNGKey(10), (3,))]
+    x = graph_batch(11)
+    elements = [(r, np.zeros(3, np.float32)) for r in random_orthogonal_matrices(10, 3, proper=True)]
 
     def full(v):
         return lambda inputs: batched_apply(False)(v, *inputs)
 
-    assert float(equivariance_error(full(variables), x, elements, act_in, act_out)) > 1e-3
+    assert max_equivariance_error(full(variables), x, elements) > 1e-3
     zeroed = projected_variables(variables)  # γ = 0, branches still evaluated
-    assert float(equivariance_error(full(zeroed), x, elements, act_in, act_out)) <= 1e-5
+    assert max_equivariance_error(full(zeroed), x, elements) <= 1e-5
     np.testing.assert_allclose(full(zeroed)(x), batched_apply(True)(variables, *x), atol=1e-6)
 
 
 def test_permutation_equivariance():
     variables = small_variables(seed=12)
-    loc, vel, charges = nbody_graph(jax.random.PRNGKey(13))
+    loc, vel, charges = nbody_graph(13)
     perm = np.array([3, 0, 4, 1, 2])
-    inputs = tuple(jnp.stack([a, a[perm]]) for a in (loc, vel, charges))
+    inputs = tuple(np.stack([a, a[perm], a, a]) for a in (loc, vel, charges))  # batch of 4: shared compilation
     for project in (True, False):
         out = batched_apply(project)(variables, *inputs)
         np.testing.assert_allclose(out[1], out[0][perm], atol=1e-5)
 
 
 def test_projection_does_not_evaluate_branches():
-    loc, vel, charges = nbody_graph(jax.random.PRNGKey(14))
+    loc, vel, charges = nbody_graph(14)
     vanilla = jax.eval_shape(lambda: SMALL_MODEL.init(jax.random.PRNGKey(0), loc, vel, charges, project=True))
     assert "gamma" not in vanilla
     assert not any("branch" in name for name in named_leaves(vanilla))
@@ -316,7 +358,7 @@ def test_projection_does_not_evaluate_branches():
                    for k, layer in full["params"].items()},
         "gamma": jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), full["gamma"]),
     }
-    inputs = (loc[None], vel[None], charges[None])
+    inputs = tuple(np.stack([a] * 4) for a in (loc, vel, charges))  # batch of 4: shared compilation
     clean = batched_apply(True)(full, *inputs)
     dirty = batched_apply(True)(poisoned, *inputs)
     assert bool(jnp.all(jnp.isfinite(dirty)))
@@ -344,7 +386,7 @@ def expected_parameter_count(n_s, n_v, num_layers, with_branches):
 
 
 def test_parameter_count_default_model():
-    loc, vel, charges = nbody_graph(jax.random.PRNGKey(16))
+    loc, vel, charges = nbody_graph(16)
     model = SEGNN()  # 32x0e+32x1o, 4 layers
 
     def count(project):
@@ -357,27 +399,8 @@ def test_parameter_count_default_model():
     print(f"\nSEGNN(32x0e+32x1o, 4 layers) parameters: vanilla {vanilla:,}, with ACE branches {full:,} (+8 γ)")
 
 
-def test_training_step_is_finite_and_reduces_loss():
-    loc, vel, charges = graph_batch(jax.random.PRNGKey(17), batch=8)
-    target = loc + vel
-    variables = small_variables(seed=18, gamma=0.5)
-
-    def loss(v):
-        pred = jax.vmap(lambda l, ve, c: SMALL_MODEL.apply(v, l, ve, c))(loc, vel, charges)
-        return jnp.mean((pred - target) ** 2)
-
-    step = jax.jit(jax.value_and_grad(loss))
-    first, grads = step(variables)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert float(jnp.abs(grads["gamma"]["layer_0"]["update_breaking"]["gamma"])) > 0
-    for _ in range(5):
-        value, grads = step(variables)
-        variables = jax.tree.map(lambda p, g: p - 0.01 * g, variables, grads)
-    assert float(loss(variables)) < float(first)
-
-
 def test_invalid_settings_and_shapes_raise():
-    loc, vel, charges = nbody_graph(jax.random.PRNGKey(19))
+    loc, vel, charges = nbody_graph(19)
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="only 0e and 1o"):
         SEGNN(hidden_irreps="8x0e+8x2e").init(key, loc, vel, charges)
@@ -396,7 +419,7 @@ def test_invalid_settings_and_shapes_raise():
 
 
 def test_spherical_harmonics_match_e3nn():
-    r = jax.random.normal(jax.random.PRNGKey(20), (6, 3))
+    r = normal(20, (6, 3))
     for norm in ("integral", "component"):
         a0, a1 = segnn.spherical_harmonics(r, norm)
         ref = e3nn.spherical_harmonics(ATTR_IRREPS, r, normalize=True, normalization=norm).array
