@@ -507,23 +507,13 @@ def run_study(args: argparse.Namespace) -> dict:
     """Run the study described by the parsed CLI ``args``; returns the results.json content."""
     t_start = time.perf_counter()
     settings = PRESETS[args.preset][args.model]
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.num_molecules is not None:
-        overrides["num_molecules"] = args.num_molecules
-    if args.molecules_per_example is not None:
-        overrides["molecules_per_example"] = args.molecules_per_example
-    if args.examples_per_step is not None:
-        overrides["examples_per_step"] = args.examples_per_step
-    if args.learning_rate is not None:
-        overrides["learning_rate"] = args.learning_rate
-    if args.dual_learning_rate is not None:
-        overrides["dual_learning_rate"] = args.dual_learning_rate
-    if args.features is not None:
-        overrides["features"] = args.features
-    if args.interactions is not None:
-        overrides["num_interactions"] = args.interactions
+    # CLI option -> preset field it overrides (None: keep the preset's value).
+    cli_fields = {
+        "epochs": "epochs", "num_molecules": "num_molecules", "molecules_per_example": "molecules_per_example",
+        "examples_per_step": "examples_per_step", "learning_rate": "learning_rate",
+        "dual_learning_rate": "dual_learning_rate", "features": "features", "interactions": "num_interactions",
+    }
+    overrides = {field: getattr(args, arg) for arg, field in cli_fields.items() if getattr(args, arg) is not None}
     settings = dataclasses.replace(settings, **overrides)
     targets = parse_list(args.targets, TARGET_NAMES, "targets") if args.targets else list(settings.targets)
     methods = parse_list(args.methods, STUDY_METHODS, "methods") if args.methods else list(settings.methods)
