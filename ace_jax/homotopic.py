@@ -96,7 +96,9 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
         v = w.T @ u
         return v / (jnp.linalg.norm(v) + 1e-12)
 
-    v = jax.lax.fori_loop(0, num_iterations, body, v)
+    # Unrolled: a handful of tiny mat-vecs that XLA fuses, instead of a while loop whose
+    # per-iteration dispatch costs more than the arithmetic on CPU.
+    v = jax.lax.fori_loop(0, num_iterations, body, v, unroll=True)
     u = w @ v
     u = jax.lax.stop_gradient(u / (jnp.linalg.norm(u) + 1e-12))
     return u @ kernel @ jax.lax.stop_gradient(v)

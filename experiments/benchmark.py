@@ -4,7 +4,8 @@
 
 For each model and method the step built by :func:`ace_jax.engine.make_trainer` (the same
 program ``fit`` runs: vmapped loss, primal Adam, dual ascent, slack descent) is compiled, warmed
-up, then timed over ``--steps`` calls with ``block_until_ready``. Prints a table (with the ACE /
+up, then timed over ``--steps`` calls with ``block_until_ready``; the methods of one model are
+timed interleaved (round-robin blocks of steps) so machine noise does not bias their ratio. Prints a table (with the ACE /
 vanilla step ratio) and writes DIR/benchmark.json: a list of records ``{"model", "method",
 "batch", "params", "compile_s", "step_ms_median", "step_ms_p90", "device"}``.
 
@@ -40,33 +41,51 @@ def param_count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def time_step(task, batch, method: str, steps: int, warmup: int = 5, seed: int = 0) -> dict:
-    """Compile and time the training step of ``task`` under ``method`` on one fixed ``batch``."""
+def compile_step(task, batch, method: str, seed: int = 0):
+    """``(state, compiled_step, compile_s)`` for ``task`` under ``method`` on one fixed ``batch``."""
     config = TrainConfig(epochs=1, batch_size=1, progress=False)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     state, train_step = make_trainer(task, method, config, init_key, train_key)
-    batch = jax.device_put(batch)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch)
+    return state, compiled, time.perf_counter() - t0
+
+
+def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10) -> dict:
+    """Compile every method's step, then time them *interleaved*: ``rounds`` rounds in which each
+    method runs ``ceil(steps / rounds)`` steps in turn, so a slow phase of a shared machine hits
+    all methods alike instead of whichever happened to run then. Returns per method the
+    parameter count, compile seconds and the median / p90 of the per-step wall times."""
+    batch = jax.device_put(batch)
+    runs = {}
+    for method in methods:
+        state, compiled, compile_s = compile_step(task, batch, method)
+        for _ in range(warmup):
+            state, metrics = compiled(state, batch)
         jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
-    if not bool(metrics["finite"]):
-        raise FloatingPointError(f"{method}: the benchmarked step produced non-finite values")
-    times_ms = 1e3 * np.asarray(times)
-    return {
-        "params": param_count(state.params),
-        "compile_s": round(compile_s, 3),
-        "step_ms_median": round(float(np.median(times_ms)), 3),
-        "step_ms_p90": round(float(np.percentile(times_ms, 90)), 3),
-    }
+        runs[method] = {"state": state, "step": compiled, "compile_s": compile_s, "times": []}
+    per_round = -(-steps // rounds)
+    for _ in range(rounds):
+        for run in runs.values():
+            state = run["state"]
+            for _ in range(per_round):
+                t = time.perf_counter()
+                state, metrics = run["step"](state, batch)
+                jax.block_until_ready(state)
+                run["times"].append(time.perf_counter() - t)
+            run["state"], run["metrics"] = state, metrics
+    out = {}
+    for method, run in runs.items():
+        if not bool(run["metrics"]["finite"]):
+            raise FloatingPointError(f"{method}: the benchmarked step produced non-finite values")
+        times_ms = 1e3 * np.asarray(run["times"])
+        out[method] = {
+            "params": param_count(run["state"].params),
+            "compile_s": round(run["compile_s"], 3),
+            "step_ms_median": round(float(np.median(times_ms)), 3),
+            "step_ms_p90": round(float(np.percentile(times_ms, 90)), 3),
+        }
+    return out
 
 
 def load_case(model: str, batch: int | None):
@@ -107,8 +126,9 @@ def main(argv=None):
             print(f"skipping {model}: its study module is not available ({err})")
             continue
         base = None
+        timings = time_methods(task, batch, methods, args.steps)
         for method in methods:
-            rec = {"model": model, "method": method, "batch": size, **time_step(task, batch, method, args.steps), "device": device}
+            rec = {"model": model, "method": method, "batch": size, **timings[method], "device": device}
             records.append(rec)
             if method == "vanilla":
                 base = rec["step_ms_median"]

@@ -1,0 +1,32 @@
+"""The step benchmark: every method of one model is compiled and timed, interleaved."""
+
+import json
+
+import pytest
+
+from experiments import benchmark
+
+
+def test_time_methods_reports_every_method_with_positive_times():
+    task, batch, size = benchmark.load_case("c4_cnn", 2)
+    timings = benchmark.time_methods(task, batch, ["vanilla", "ace"], steps=4, warmup=1, rounds=2)
+    assert set(timings) == {"vanilla", "ace"}
+    for record in timings.values():
+        assert record["step_ms_median"] > 0 and record["step_ms_p90"] >= record["step_ms_median"]
+        assert record["compile_s"] > 0
+    # ACE adds branch parameters to the same equivariant network.
+    assert timings["ace"]["params"] > timings["vanilla"]["params"]
+
+
+def test_cli_writes_the_documented_records(tmp_path):
+    benchmark.main(["--out", str(tmp_path), "--models", "c4_cnn", "--methods", "vanilla,ace", "--steps", "2", "--batch", "2"])
+    records = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["method"] for r in records] == ["vanilla", "ace"]
+    for r in records:
+        assert set(r) == {"model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90", "device"}
+        assert r["model"] == "c4_cnn" and r["batch"] == 2
+
+
+def test_unknown_model_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="unknown model"):
+        benchmark.main(["--out", str(tmp_path), "--models", "resnet"])
