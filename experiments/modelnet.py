@@ -107,6 +107,7 @@ class Preset:
     final_learning_rate: float | None = None  # sgd: cosine decay to this value
     gamma_init: float = 1.0
     spectral_branch: bool = True  # spectrally normalised branches (METHOD.md §5)
+    branch_kind: str = "axis"  # "axis" (cheap xyz mixing, default) or "dense" (the paper's Dense)
     eval_batch_size: int = 64
     methods: tuple[str, ...] = ("vanilla", "ace", "ace-resilient")
 
@@ -222,7 +223,8 @@ def drop_points_jax(key: jax.Array, points: jax.Array, fraction: float) -> jax.A
 
 def build_model(preset: Preset, num_classes: int) -> VNDGCNN:
     return VNDGCNN(num_classes=num_classes, k=preset.k, width=preset.width, gamma_init=preset.gamma_init,
-                   head_hidden=tuple(preset.head_hidden), spectral_branch=preset.spectral_branch)
+                   head_hidden=tuple(preset.head_hidden), spectral_branch=preset.spectral_branch,
+                   branch_kind=preset.branch_kind)
 
 
 def smoothed_cross_entropy(logits: jax.Array, label: jax.Array, smoothing: float) -> jax.Array:
@@ -455,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=None, help="fraction of points dropped in the dropout study")
     parser.add_argument("--studies", default=None, help="comma-separated subset of " + ", ".join(STUDIES))
     parser.add_argument("--classes", default=None, help="comma-separated class names, or 'all'")
+    parser.add_argument("--branch-kind", choices=("axis", "dense"), default=None,
+                        help="ACE branch: 'axis' (per-channel xyz mixing, default) or 'dense' (the paper's Dense)")
     parser.add_argument("--cache-dir", default=None, help="data cache folder")
     return parser
 
@@ -475,6 +479,8 @@ def main(argv=None) -> dict:
         if not 0.0 < args.dropout < 1.0:
             raise SystemExit(f"--dropout must satisfy 0 < P < 1, got {args.dropout}")
         changes["dropout"] = args.dropout
+    if args.branch_kind is not None:
+        changes["branch_kind"] = args.branch_kind
     if args.classes is not None:
         changes["classes"] = None if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip())
     preset = dataclasses.replace(preset, **changes)

@@ -11,6 +11,7 @@ from models.vn_dgcnn import (
     VNLinear,
     VNLinearLeakyReLU,
     VNNorm,
+    AxisMixBranch,
     VectorBranch,
     edge_features,
     init_variables,
@@ -90,14 +91,30 @@ def test_vn_norm_standardizes_signed_norms():
     np.testing.assert_allclose(signed.std(axis=0), 1.0, atol=1e-3)
 
 
-def test_full_vn_block_breaks_equivariance():
-    layer = VNLinearLeakyReLU(4, spectral_branch=False)
+@pytest.mark.parametrize("kind", ["axis", "dense"])
+def test_full_vn_block_breaks_equivariance(kind):
+    layer = VNLinearLeakyReLU(4, spectral_branch=False, branch_kind=kind)
     x = jax.random.normal(jax.random.PRNGKey(5), (6, 3, 3))
     variables = jax.jit(layer.init)(jax.random.PRNGKey(6), x)
     apply = jax.jit(layer.apply)
     rotation = _rotations(1)[0]
     err = _rel(apply(variables, rotate_points(x, rotation)), rotate_points(apply(variables, x), rotation))
     assert err > 1e-2
+
+
+def test_axis_mix_branch_matches_per_channel_matrices_and_is_bounded():
+    """g(q)_c = q_c A_c with kernel[i, 3c + j] = A_c[i, j]; normalised A_c give ‖g(q)‖ ≤ ‖q‖."""
+    q = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 3))
+    raw = AxisMixBranch(normalize=False)
+    variables = raw.init(jax.random.PRNGKey(2), q)
+    kernel = np.asarray(variables["params"]["kernel"])
+    assert kernel.shape == (3, 12)
+    expected = np.stack([np.asarray(q)[:, c] @ kernel[:, 3 * c : 3 * c + 3] for c in range(4)], axis=1)
+    np.testing.assert_allclose(raw.apply(variables, q), expected, rtol=1e-5, atol=1e-6)
+    bounded = AxisMixBranch(normalize=True).apply({"params": {"kernel": 10.0 * kernel}}, q)
+    assert bool(jnp.all(jnp.linalg.norm(bounded, axis=-1) <= jnp.linalg.norm(q, axis=-1) * (1 + 1e-5)))
+    with pytest.raises(ValueError, match="branch_kind"):
+        VNLinearLeakyReLU(4, branch_kind="conv").init(jax.random.PRNGKey(0), q)
 
 
 # --------------------------------------------------------------------------- graph
