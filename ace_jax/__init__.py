@@ -21,6 +21,7 @@ from ace_jax.groups import (
 )
 from ace_jax.homotopic import (
     GAMMA,
+    AxisMixBranch,
     Homotopic,
     MLPBranch,
     SpectralDense,

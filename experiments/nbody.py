@@ -102,8 +102,14 @@ PRESETS = {
 # --------------------------------------------------------------------------- model and task
 
 
-def make_model(model_name: str, spectral_branch: bool = False, gamma_init: float = 1.0):
-    """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py)."""
+def make_model(model_name: str, spectral_branch: bool = False, gamma_init: float = 1.0, branch_kind: str = "dense"):
+    """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py).
+
+    ``branch_kind`` (SEGNN only): ``"dense"`` Linear branches on the flattened features (the
+    paper's) or ``"axis"`` per-channel 3×3 mixing of the vector features (much cheaper).
+    """
+    if model_name == "egnn" and branch_kind != "dense":
+        raise ValueError("--branch-kind applies to SEGNN; EGNN's branches are small Linear layers already")
     if model_name == "egnn":
         from models.egnn import EGNN
 
@@ -113,7 +119,7 @@ def make_model(model_name: str, spectral_branch: bool = False, gamma_init: float
             from models.segnn import SEGNN
         except ImportError as err:
             raise ValueError(f"model 'segnn' is not available ({err}); use --model egnn") from err
-        return SEGNN(num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init)
+        return SEGNN(num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init, branch_kind=branch_kind)
     raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -271,7 +277,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "test_size": len(splits["test"]["loc"]), "field": args.field, "batch_size": preset["batch_size"],
         "learning_rate": preset["learning_rate"], "dual_learning_rate": preset["dual_learning_rate"],
         "dual_optimizer": args.dual_optimizer, "dual_proportional": args.dual_proportional, "eval_every": preset["eval_every"],
-        "spectral_branch": args.spectral_branch, "vmap_seeds": args.vmap_seeds,
+        "spectral_branch": args.spectral_branch, "branch_kind": args.branch_kind, "vmap_seeds": args.vmap_seeds,
         "select_on": {m: SELECT_ON[m] for m in methods}, "metric": f"test {METRIC} on positions",
         "device": jax.devices()[0].platform,
     }
@@ -279,7 +285,7 @@ def run_study(args: argparse.Namespace) -> dict:
     summaries, histories = {}, {}
     for name in methods:
         spectral = args.spectral_branch == "on" or (args.spectral_branch == "auto" and name == "ace-resilient")
-        task = make_task(make_model(args.model, spectral_branch=spectral), example)
+        task = make_task(make_model(args.model, spectral_branch=spectral, branch_kind=args.branch_kind), example)
         config = TrainConfig(
             epochs=epochs, batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
             dual_learning_rate=preset["dual_learning_rate"], dual_optimizer=args.dual_optimizer,
@@ -324,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vmap-seeds", action="store_true", help="train all seeds of a method in one program")
     parser.add_argument("--spectral-branch", choices=("auto", "on", "off"), default="auto",
                         help="spectrally normalised branches (auto: only for ace-resilient)")
+    parser.add_argument("--branch-kind", choices=("dense", "axis"), default="dense",
+                        help="SEGNN ACE branches: dense Linear on flattened features (paper) or per-channel 3x3 vector mixing")
     parser.add_argument("--cache-dir", default=None, help="N-body data cache (default ~/.cache/ace_jax/nbody)")
     return parser
 

@@ -50,7 +50,7 @@ branches, one on the feature path and one on the direction path, and the frame V
 the invariant layer carries one (15 γ in all). Two kinds of branch (``branch_kind``):
 
 - ``"axis"`` (default): q = W_q V + γ_q · g_q(W_q V), g_q(f)_c = f_c A_c with a learned 3×3
-  A_c per channel (:class:`AxisMixBranch`), likewise for k. A Linear map of the flattened
+  A_c per channel (:class:`ace_jax.AxisMixBranch`), likewise for k. A Linear map of the flattened
   features, block-diagonal over channels, applied to the layer's own output: it mixes xyz,
   which breaks rotation equivariance, at 9 multiply-adds per channel. The ACE step then
   costs ≈ the vanilla step (XLA cost analysis, batch 32 × 300 points, w = 21: 1.0x FLOPs).
@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import GAMMA, MLPBranch, SymmetryBreaking, named_leaves
+from ace_jax import GAMMA, AxisMixBranch, MLPBranch, SymmetryBreaking, named_leaves
 
 EPS = 1e-6
 """ε of the VN nonlinearity and norms (as in the public Vector Neurons code)."""
@@ -214,50 +214,17 @@ class VectorBranch(nn.Module):
         return y.reshape(x.shape[:-2] + (self.features, 3))
 
 
-class AxisMixBranch(nn.Module):
-    """Cheap symmetry-breaking branch on an equivariant output: ``(..., C, 3) → (..., C, 3)``,
-
-        g(q)_c = q_c A_c,    A_c ∈ ℝ^{3×3} learned per channel,
-
-    a Linear map of the flattened (C·3) numbers that is block-diagonal over channels. It
-    mixes the xyz axis, which no equivariant layer may do: g(q Rᵀ) = q Rᵀ A_c ≠ q A_c Rᵀ unless
-    A_c commutes with every rotation (A_c ∝ I). Used as f + γ·g(f) on the output f of a
-    VN-Linear, it costs 9 multiply-adds per channel instead of the 9·C_in of a
-    :class:`VectorBranch` Dense on the layer input (3× the VN-Linear itself). With
-    ``normalize=True`` each A_c is divided by its Frobenius norm (≥ its largest singular
-    value), so ‖g(q)‖ ≤ ‖q‖.
-
-    Parameter ``kernel`` (3, 3·C) holds ``kernel[i, 3c + j] = A_c[i, j]`` (fan-in 3 for
-    LeCun initialisation).
-    """
-
-    normalize: bool = True
-    epsilon: float = 1e-12
-
-    @nn.compact
-    def __call__(self, q: jax.Array) -> jax.Array:
-        _check_vectors(q, "AxisMixBranch")
-        channels = q.shape[-2]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3 * channels))
-        a = kernel.reshape(3, channels, 3).transpose(1, 0, 2)  # (C, 3 in, 3 out)
-        if self.normalize:
-            a = a * jax.lax.rsqrt(jnp.sum(a * a, axis=(1, 2), keepdims=True) + self.epsilon)
-        # Written as a broadcast multiply and a 3-term sum rather than an einsum: XLA lowers the
-        # einsum to C tiny batched matmuls behind transposes; this fuses into one loop.
-        return jnp.sum(q[..., :, :, None] * a.astype(q.dtype), axis=-2)
-
-
 BRANCH_KINDS = ("axis", "dense")
 
 
 def breaking_map(kind: str, channels: int, hidden: Sequence[int], spectral: bool) -> nn.Module:
     """The branch g of one VN layer (unbound, ``parent=None``, so SymmetryBreaking adopts it).
 
-    ``"axis"``: :class:`AxisMixBranch` applied to the layer's equivariant OUTPUT (f + γ g(f));
+    ``"axis"``: :class:`ace_jax.AxisMixBranch` applied to the layer's equivariant OUTPUT (f + γ g(f));
     ``"dense"``: :class:`VectorBranch`, the paper's Dense on the flattened layer INPUT.
     """
     if kind == "axis":
-        return AxisMixBranch(normalize=spectral, parent=None)
+        return AxisMixBranch(component_axis=-1, normalize=spectral, parent=None)
     if kind == "dense":
         return VectorBranch(channels, hidden=tuple(hidden), spectral=spectral, parent=None)
     raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {kind!r}")
@@ -272,7 +239,7 @@ class VNLinearLeakyReLU(nn.Module):
       negative_slope: α of the leaky nonlinearity (0.2 in the paper).
       shared_direction: one direction channel for all features (the paper's conv5).
       use_norm: apply :class:`VNNorm` to q.
-      branch_kind: ``"axis"`` (default, :class:`AxisMixBranch` on the path's output) or
+      branch_kind: ``"axis"`` (default, :class:`ace_jax.AxisMixBranch` on the path's output) or
         ``"dense"`` (:class:`VectorBranch` on the block input); see :func:`breaking_map`.
       branch_hidden / spectral_branch: hidden sizes of dense branches / normalised branches.
       gamma_init: initial γ of both branches.

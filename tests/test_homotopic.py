@@ -90,3 +90,20 @@ def test_spectral_dense_is_1_lipschitz():
     x, y = jax.random.normal(jax.random.PRNGKey(1), (2, 7))
     gap = jnp.linalg.norm(layer.apply(v, x) - layer.apply(v, y))
     assert float(gap) <= float(jnp.linalg.norm(x - y)) * (1 + 1e-3)
+
+
+def test_axis_mix_branch_layouts_agree_and_break_rotations():
+    """(…, C, m) and (…, m, C) layouts give the same map; g(x Rᵀ) ≠ g(x) Rᵀ for a rotation R."""
+    from ace_jax import AxisMixBranch, random_rotation, rotate_points
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 5, 3))  # (points, C, 3)
+    last = AxisMixBranch(component_axis=-1)
+    variables = last.init(jax.random.PRNGKey(1), x)
+    y = last.apply(variables, x)
+    y_t = AxisMixBranch(component_axis=-2).apply(variables, jnp.swapaxes(x, -1, -2))
+    np.testing.assert_allclose(jnp.swapaxes(y_t, -1, -2), y, rtol=1e-5, atol=1e-6)
+    r = random_rotation(jax.random.PRNGKey(2))
+    gap = jnp.linalg.norm(last.apply(variables, rotate_points(x, r)) - rotate_points(y, r))
+    assert float(gap) > 1e-2 * float(jnp.linalg.norm(y))
+    with pytest.raises(ValueError, match="component_axis"):
+        AxisMixBranch(component_axis=0).init(jax.random.PRNGKey(0), x)

@@ -331,6 +331,27 @@ def test_full_model_breaks_rotation_equivariance_and_gamma_zero_restores_it():
     np.testing.assert_allclose(full(zeroed)(x), batched_apply(True)(variables, *x), atol=1e-6)
 
 
+def test_axis_branches_break_rotations_and_project_to_the_same_segnn():
+    """branch_kind="axis": γ ≠ 0 breaks rotation equivariance; γ = 0 is the same SEGNN as the
+    dense-branch model with the same equivariant weights (the branch kind only changes g)."""
+    axis_model = SEGNN(**SMALL, branch_kind="axis")
+    graph = nbody_graph(5)
+    variables = random_variables(axis_model, *graph, seed=5, gamma=1.0)
+    x = graph_batch(11)
+    apply = jax.jit(jax.vmap(lambda v, l, ve, c: axis_model.apply(v, l, ve, c), (None, 0, 0, 0)))
+    elements = [(r, np.zeros(3, np.float32)) for r in random_orthogonal_matrices(10, 3, proper=True)]
+    assert max_equivariance_error(lambda inputs: apply(variables, *inputs), x, elements) > 1e-3
+    shared = {"params": {k: v for k, v in variables["params"].items()}}
+    for layer, tree in shared["params"].items():
+        if layer.startswith("layer_"):
+            shared["params"][layer] = {k: v for k, v in tree.items() if "breaking" not in k}
+    np.testing.assert_allclose(
+        apply(projected_variables(variables), *x), batched_apply(True)(shared, *x), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="branch_kind"):
+        SEGNN(**SMALL, branch_kind="conv").init(jax.random.PRNGKey(0), *graph)
+
+
 def test_permutation_equivariance():
     variables = small_variables(seed=12)
     loc, vel, charges = nbody_graph(13)

@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace_jax import GAMMA, projected_variables, random_rotation, rotate_points
+from ace_jax import GAMMA, AxisMixBranch, projected_variables, random_rotation, rotate_points
 from models.vn_dgcnn import (
     VNDGCNN,
     VNLinear,
     VNLinearLeakyReLU,
     VNNorm,
-    AxisMixBranch,
     VectorBranch,
     edge_features,
     init_variables,
