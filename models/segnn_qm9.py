@@ -29,6 +29,9 @@ ACE (METHOD.md §1: "the reference SEGNN has 2 per message-passing layer, one af
 tensor-product block"): with y the block output flattened to plain numbers, the message
 block gives m_ij + γ g(m_ij) (per edge, before the sum) and the update block u_i + γ g(u_i),
 g an :class:`ace_jax.MLPBranch` of the same width. With ``project=True`` no branch exists.
+For an affine g (``branch_hidden=()``, the default) the summed correction
+Σ_j γ g(m_ij) = γ deg_i g(m_i / deg_i), m_i = Σ_j m_ij, is computed once per node (the
+branch's work drops by the mean degree; same numbers); with hidden layers g runs per edge.
 
 Masks: padding edges never send messages (their messages are multiplied by ``edge_mask``),
 padding nodes are excluded from the instance-norm statistics and from pooling, and the
@@ -146,6 +149,7 @@ class SEGNNQM9Layer(nn.Module):
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = False
     gamma_init: float = 1.0
+    message_branch_per_edge: bool = False
 
     def _breaking(self, name: str, width: int) -> SymmetryBreaking:
         branch = MLPBranch(width, tuple(self.branch_hidden), self.spectral_branch, name=f"{name}_branch")
@@ -158,10 +162,19 @@ class SEGNNQM9Layer(nn.Module):
         pair = e3nn.concatenate([h[receivers], h[senders], edge_scalars])  # [h_i, h_j, ‖x_i − x_j‖²]
         m = SteerableLayer(self.hidden_irreps, gated=True, name="message_1")(pair, edge_attr)
         m = SteerableLayer(self.hidden_irreps, gated=True, name="message_2")(m, edge_attr)
-        if not project:
+        per_edge_branch = not project and (len(tuple(self.branch_hidden)) > 0 or self.message_branch_per_edge)
+        if per_edge_branch:
             m = m + e3nn.IrrepsArray(m.irreps, self._breaking("message", m.irreps.dim)(m.array))
-        m = m * g["edge_mask"].astype(m.dtype)[:, None]
+        edge_mask = g["edge_mask"].astype(m.dtype)
+        m = m * edge_mask[:, None]
         aggregated = e3nn.IrrepsArray(m.irreps, jax.ops.segment_sum(m.array, receivers, num_nodes))
+        if not project and not per_edge_branch:
+            # affine g: Σ_j g(m_ij) = deg_i · g(m_i / deg_i) with m_i = Σ_j m_ij (real edges only),
+            # so the branch runs once per node instead of once per edge (same numbers).
+            degree = jax.ops.segment_sum(edge_mask, receivers, num_nodes)[:, None]
+            mean = aggregated.array / jnp.maximum(degree, 1.0)
+            correction = degree * self._breaking("message", m.irreps.dim)(mean)
+            aggregated = aggregated + e3nn.IrrepsArray(m.irreps, correction)
 
         u = e3nn.concatenate([h, aggregated])
         u = SteerableLayer(self.hidden_irreps, gated=True, name="update_1")(u, node_attr)
@@ -185,6 +198,8 @@ class SEGNNQM9(nn.Module):
       num_layers: message-passing layers (5), 2 ACE branches each.
       norm: "instance" or "none".
       branch_hidden, spectral_branch, gamma_init: ACE branch settings (one affine layer by default).
+      message_branch_per_edge: evaluate an affine message branch on every edge, the literal
+        form of the node-level computation (same numbers, slower; for tests).
     """
 
     hidden_irreps: str | None = None
@@ -196,6 +211,7 @@ class SEGNNQM9(nn.Module):
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = False
     gamma_init: float = 1.0
+    message_branch_per_edge: bool = False
 
     def irreps(self) -> e3nn.Irreps:
         if self.hidden_irreps is not None:
@@ -232,7 +248,7 @@ class SEGNNQM9(nn.Module):
         for layer in range(self.num_layers):
             h = SEGNNQM9Layer(
                 hidden, self.norm, tuple(self.branch_hidden), self.spectral_branch, self.gamma_init,
-                name=f"layer_{layer}",
+                self.message_branch_per_edge, name=f"layer_{layer}",
             )(h, edge_attr, node_attr, edge_scalars, g, project)
 
         h = SteerableLayer(hidden, gated=True, name="pre_pool_1")(h, node_attr)

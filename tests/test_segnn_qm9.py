@@ -83,6 +83,19 @@ def test_projection_o3_invariant_full_model_not(setup):
     assert np.all(np.asarray(full)[8:] == 0.0) and np.all(np.asarray(projection)[8:] == 0.0)
 
 
+def test_node_level_message_branch_equals_per_edge_branches(setup):
+    """Σ_j γ g(m_ij) over real edges == γ deg_i g(m_i / deg_i) for the affine branch."""
+    molecules, batch_of, variables, apply = setup
+    literal = SEGNNQM9(hidden_irreps="2x0e+1x1o+1x2e", hidden_scalars=4, num_layers=1, lmax_attr=2,
+                       message_branch_per_edge=True)
+    batch = batch_of(molecules)
+    gammas = jax.tree.map(lambda g: jnp.full_like(g, 0.8), variables["gamma"])
+    v = {**variables, "gamma": gammas}
+    expected = jax.jit(literal.apply)(v, batch)
+    np.testing.assert_allclose(apply(v, batch, project=False), expected, rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(np.asarray(expected - apply(v, batch, project=True)))) > 1e-3  # branches matter
+
+
 def test_padding_does_not_leak(setup):
     molecules, batch_of, variables, apply = setup
     together = apply(variables, batch_of(molecules), project=False)
