@@ -35,7 +35,8 @@ branch maps the 4·C numbers of a pixel to C channels that are added to all four
 (``branch_shared``). It still breaks C4: g mixes the orientation axis with arbitrary, not
 cyclically shared, weights. Sharing cuts the branch's work 4×: the ACE step costs 1.04× the
 vanilla step's FLOPs (1.14× with 4·C outputs and input normalisation, whose passes over the
-branch input also more than doubled the memory traffic).
+branch input also more than doubled the memory traffic) and measured 0.98× the vanilla step
+time (batch 32, 2-core CPU; it was 1.4–2.0× before).
 With ``project=True`` no branch is evaluated and, at init, no branch parameters and no γ
 are created.
 """

@@ -43,7 +43,9 @@ m_i + γ (N−1) g(m_i / (N−1)), which is how it is computed (one node-level D
 an edge-level one; same numbers). With hidden layers g runs on every edge.
 ``branch_kind="axis"`` swaps g for :class:`ace_jax.AxisMixBranch` on the vector channels
 (v_c ↦ v_c + γ v_c A_c, a learned 3×3 per channel; scalars pass unchanged): linear, so also
-summed at node level, and about 1/50 of the dense branch's work.
+summed at node level, and about 1/50 of the dense branch's work. Measured (batch 100, 2-core
+CPU, interleaved, p25): vanilla 29.6 ms, ACE dense 37.8 ms (1.28×), ACE axis 34.8 ms (1.18×) —
+the axis branch is bound by memory passes and the reduction for ∂L/∂A_c, not by FLOPs.
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N
