@@ -32,10 +32,10 @@ correction = full − projection, sum = full output, target), ``trajectories_<ta
 Settings (the ``Preset`` fields; chosen on square → rectangle / square → square runs of the
 quick budget, then used unchanged for every task):
 
-- branches: 1×1 spectral-normalised convs squashed by tanh, C outputs shared by the four
-  orientations (``C4CNN`` docstring), so |γ_i| bounds the breaking of layer i; with unbounded
-  branches the network kept a large correction while γ → 0 by inflating the features the
-  branches read;
+- branches: 1×1 spectral-normalised convs on unit-norm pixel vectors (``C4CNN`` docstring),
+  so |γ_i| bounds the breaking of layer i; with unbounded branches the network kept a large
+  correction while γ → 0 by inflating the features the branches read (the cheaper tanh /
+  shared-orientation branches did the same on square → square, see ``C4CNN``);
 - α = 0.1: the loss is a per-pixel MSE of order 1e-2, so α = 1 priced any useful γ above
   the loss it could save; u starts at |γ_0| = 1 (a feasible start, no early λ spike) and the
   slacks move fast (η_u = 0.2, so u tracks λ/α within ~1/(η_u α) = 50 steps);
@@ -92,8 +92,8 @@ class Preset:
     kernel_size: int = 3
     branch_kernel_size: int = 1
     spectral: bool = True
-    branch_bound: str = "tanh"
-    branch_shared: bool = True
+    branch_bound: str = "normalize"
+    branch_shared: bool = False
     gamma_init: float = 1.0
 
 

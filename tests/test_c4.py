@@ -225,6 +225,22 @@ def test_nonzero_gamma_breaks_equivariance_measurably(small_variables):
     np.testing.assert_allclose(zeroed(x), projection(x), atol=1e-5)
 
 
+def test_every_default_branch_alone_breaks_c4():
+    """With the default 1×1 branches, each single γ_i ≠ 0 (all others 0) breaks C4 — including
+    the lifting layer's, whose branch reads the 1-channel image (shared over orientations it
+    would be equivariant and break nothing)."""
+    model = C4CNN(channels=2, num_layers=3)
+    variables = numpy_variables(model, jnp.zeros((1, 10, 10, 1)), seed=3)
+    apply = jax.jit(model.apply)
+    rotate = lambda k, a: c4_act(a, k)  # noqa: E731
+    for name in variables[GAMMA]:
+        only = {n: {"gamma": jnp.asarray(1.0 if n == name else 0.0)} for n in variables[GAMMA]}
+        v = {**variables, GAMMA: only}
+        full = functools.partial(apply, v)
+        scale = float(jnp.mean(jnp.abs(full(X))))
+        assert float(equivariance_error(full, X, ROTATIONS, rotate, rotate)) > 1e-3 * scale, name
+
+
 def test_projection_never_evaluates_the_branches(small_variables):
     vanilla = jax.eval_shape(
         functools.partial(SMALL.init, project=True), jax.random.PRNGKey(0), jnp.zeros((1, 10, 10, 1))
