@@ -143,13 +143,13 @@ class ConvBranch(nn.Module):
       ``h_p / sqrt(‖h_p‖² + ε)``, and the conv has no bias; with a spectral-normalised kernel the
       output is bounded per pixel by ``kernel_size`` (by 1 for 1×1 convs). It costs a
       normalisation pass over the (large) branch input, forward and backward;
-    - ``"none"``: an unbounded affine conv.
+    - ``"none"``: an unbounded affine conv (the class default; :class:`C4CNN` passes its own).
     """
 
     features: int
     kernel_size: int = 3
     spectral: bool = True
-    bound: str = "tanh"
+    bound: str = "none"
     epsilon: float = 1e-4
 
     @nn.compact
@@ -188,7 +188,6 @@ class C4CNN(nn.Module):
       branch_shared: each group-conv layer's branch outputs C channels added to all 4
         orientations instead of 4·C channels, one per (orientation, channel) (default). The
         lifting layer's branch is never shared (shared, it would not break C4).
-      lifting_bound: bound of the lifting layer's branch (None = ``branch_bound``).
       gamma_init: initial γ of every branch.
       activation: pointwise nonlinearity (any pointwise map keeps equivariance).
 
@@ -204,7 +203,6 @@ class C4CNN(nn.Module):
     spectral: bool = True
     branch_bound: str = "normalize"
     branch_shared: bool = False
-    lifting_bound: str | None = None
     gamma_init: float = 1.0
     activation: Callable = nn.relu
 
@@ -220,22 +218,22 @@ class C4CNN(nn.Module):
         batch, height, width, _ = x.shape
         c = self.channels
 
-        def breaking(name, features, inputs, bound=None):
+        def breaking(name, features, inputs):
             # parent=None: the branch becomes a child of SymmetryBreaking (params at <name>/branch).
-            branch = ConvBranch(features, self.branch_kernel_size, self.spectral, bound or self.branch_bound, parent=None)
+            branch = ConvBranch(features, self.branch_kernel_size, self.spectral, self.branch_bound, parent=None)
             return SymmetryBreaking(branch, self.gamma_init, name=name)(inputs)
 
-        def correction(name, inputs, like, shared, bound=None):
+        def correction(name, inputs, like, shared):
             """γ·g(inputs) shaped like the group feature map ``like (B, H, W, 4, C)``."""
             if shared:
-                return breaking(name, c, inputs, bound)[..., None, :]
-            return breaking(name, 4 * c, inputs, bound).reshape(like.shape)
+                return breaking(name, c, inputs)[..., None, :]
+            return breaking(name, 4 * c, inputs).reshape(like.shape)
 
         h = self.activation(LiftingConv(c, self.kernel_size, name="layer0")(x))
         if not project:
             # Never shared here: a 1×1 map of the 1-channel image, equal for all orientations,
             # would be C4-equivariant (it breaks nothing); per-orientation weights do break.
-            h = h + correction("layer0_breaking", x, h, shared=False, bound=self.lifting_bound)
+            h = h + correction("layer0_breaking", x, h, shared=False)
         for i in range(1, self.num_layers):
             flat = h.reshape(batch, height, width, 4 * c)
             h_next = self.activation(GroupConv(c, self.kernel_size, name=f"layer{i}")(h))
