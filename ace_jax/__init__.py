@@ -26,10 +26,12 @@ from ace_jax.homotopic import (
     MLPBranch,
     SpectralDense,
     SymmetryBreaking,
+    WeightBranch,
     gammas,
     named_leaves,
     projected_variables,
     spectral_norm,
+    summed_affine_branch,
 )
 from ace_jax.lagrangian import LagrangianAux, make_lagrangian
 from ace_jax.methods import METHOD_NAMES, Method, get_method, triangle_schedule

@@ -197,6 +197,54 @@ class AxisMixBranch(nn.Module):
         return jnp.stack(outputs, axis=self.component_axis)
 
 
+class WeightBranch(nn.Module):
+    """A breaking branch given by its *weights*, for layers that fold it into their own.
+
+    Returns ``δW`` of shape ``(*blocks, fan_in, fan_out)`` (and ``δb (*blocks, fan_out)`` with
+    ``use_bias``). Wrapped in :class:`SymmetryBreaking` it yields ``γ·δW``; a linear layer
+    ``y = x W`` then computes ``x (W + γ δW) = x W + γ·(x δW)`` — the equivariant map plus the
+    affine branch ``g(x) = x δW`` on the layer's input — in ONE product, at the cost of the
+    layer alone, when δW has the layout of W. The branch breaks the symmetry when δW is not of
+    the constrained form of W: e.g. ``blocks = (3,)`` gives vector features one channel-mixing
+    matrix per xyz axis, ``y_i = x_i (W + γ δW_i)``, which a rotation does not commute with
+    (VN-Linear and the vector paths of steerable layers share one W over the axes).
+
+    With ``spectral=True`` every ``(fan_in, fan_out)`` block is divided by its largest singular
+    value, so ‖x δW_b‖ ≤ ‖x‖ per block: the breaking is bounded *relative to the layer input*
+    (Assumption 1 of METHOD.md, with the bound scaling with the input).
+    """
+
+    shape: Sequence[int]
+    spectral: bool = True
+    use_bias: bool = False
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self):
+        shape = tuple(self.shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"WeightBranch shape must be (*blocks, fan_in, fan_out) with positive sizes, got {shape}")
+        kernel = self.param("kernel", self.kernel_init, shape)
+        if self.spectral:
+            blocks = kernel.reshape((-1,) + shape[-2:])
+            sigma = jax.vmap(spectral_norm)(blocks).reshape(shape[:-2] + (1, 1))
+            kernel = kernel / jnp.maximum(sigma, 1e-12)
+        if not self.use_bias:
+            return kernel
+        return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:])
+
+
+def summed_affine_branch(branch: Callable, total: jax.Array, count) -> jax.Array:
+    """``Σ_j g(m_j)`` over ``count`` inputs whose sum is ``total``, for an AFFINE branch g.
+
+    With g(m) = m A + b, Σ_{j=1..n} g(m_j) = n·g(Σ_j m_j / n): the branch runs once on the
+    aggregated message (per node) instead of once per edge — same numbers, the work divided by
+    the degree. ``count`` broadcasts against ``total`` (e.g. degrees of shape (N, 1)); nodes with
+    count 0 get 0. Wrong for a branch with a nonlinearity (use it per edge then).
+    """
+    return count * branch(total / jnp.maximum(count, 1))
+
+
 def gammas(variables: Mapping[str, Any]) -> dict:
     """The ``gamma`` collection of ``variables`` ({} for a model without branches)."""
     return dict(variables.get(GAMMA, {}))

@@ -24,15 +24,18 @@ import numpy as np
 from ace_jax import TrainConfig, make_trainer
 from experiments.common import markdown_table, write_json
 
-# model name -> (study module, extra positional args to benchmark_case before batch, default batch)
+# model name -> (study module, extra positional args to benchmark_case before batch, default
+# batch, keyword args of benchmark_case). "<model>_<kind>" rows time another branch kind.
 MODELS = {
-    "c4_cnn": ("experiments.c4_toy", (), 32),
-    "segnn": ("experiments.nbody", ("segnn",), 100),
-    "egnn": ("experiments.nbody", ("egnn",), 100),
-    "egno": ("experiments.mocap", (), 12),
-    "schnet": ("experiments.qm9", ("schnet",), 100),
-    "segnn_qm9": ("experiments.qm9", ("segnn",), 32),
-    "vn_dgcnn": ("experiments.modelnet", (), 32),
+    "c4_cnn": ("experiments.c4_toy", (), 32, {}),
+    "segnn": ("experiments.nbody", ("segnn",), 100, {}),
+    "segnn_in_kernel": ("experiments.nbody", ("segnn",), 100, {"branch_kind": "in_kernel"}),
+    "egnn": ("experiments.nbody", ("egnn",), 100, {}),
+    "egno": ("experiments.mocap", (), 12, {}),
+    "schnet": ("experiments.qm9", ("schnet",), 100, {}),
+    "segnn_qm9": ("experiments.qm9", ("segnn",), 32, {}),
+    "vn_dgcnn": ("experiments.modelnet", (), 32, {}),
+    "vn_dgcnn_axis": ("experiments.modelnet", (), 32, {"branch_kind": "axis"}),
 }
 METHODS = ("vanilla", "ace", "ace-resilient")
 
@@ -89,10 +92,10 @@ def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int 
 
 
 def load_case(model: str, batch: int | None):
-    module_name, args, default_batch = MODELS[model]
+    module_name, args, default_batch, kwargs = MODELS[model]
     module = importlib.import_module(module_name)
     size = batch or default_batch
-    task, data = module.benchmark_case(*args, size)
+    task, data = module.benchmark_case(*args, size, **kwargs)
     return task, data, size
 
 

@@ -92,10 +92,18 @@ class Preset:
     kernel_size: int = 3
     branch_kernel_size: int = 1
     spectral: bool = True
-    branch_bound: str = "normalize"
+    branch_bound: str = "none"
     branch_shared: bool = False
+    branch_in_kernel: bool = True
     gamma_init: float = 1.0
 
+
+# --branch NAME: how the ACE branches are built (see models/c4_cnn.py).
+BRANCHES = {
+    "normalize": dict(branch_bound="normalize", branch_shared=False, branch_in_kernel=False),
+    "in-kernel": dict(branch_bound="none", branch_shared=False, branch_in_kernel=True),
+    "tanh-shared": dict(branch_bound="tanh", branch_shared=True, branch_in_kernel=False),
+}
 
 PRESETS = {
     "quick": Preset(num_train=256, num_val=64, num_test=128, epochs=30, seeds=1),
@@ -115,6 +123,7 @@ def build_model(preset: Preset) -> C4CNN:
         spectral=preset.spectral,
         branch_bound=preset.branch_bound,
         branch_shared=preset.branch_shared,
+        branch_in_kernel=preset.branch_in_kernel,
         gamma_init=preset.gamma_init,
     )
 
@@ -344,8 +353,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--branch", choices=sorted(BRANCHES), default=None,
+                        help="ACE branch construction (default: the preset's)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.branch is not None:
+        preset = dataclasses.replace(preset, **BRANCHES[args.branch])
     if args.seeds is not None:
         if args.seeds < 1:
             raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")

@@ -107,7 +107,7 @@ class Preset:
     final_learning_rate: float | None = None  # sgd: cosine decay to this value
     gamma_init: float = 1.0
     spectral_branch: bool = True  # spectrally normalised branches (METHOD.md §5)
-    branch_kind: str = "axis"  # "axis" (cheap xyz mixing, default) or "dense" (the paper's Dense)
+    branch_kind: str = "in_kernel"  # "in_kernel" (per-axis weights folded into VN-Linear, default), "axis" or "dense"
     eval_batch_size: int = 64
     methods: tuple[str, ...] = ("vanilla", "ace", "ace-resilient")
 
@@ -269,14 +269,17 @@ def make_task(model: VNDGCNN, num_points: int, dropout: float = 0.0, label_smoot
     )
 
 
-def benchmark_case(batch: int, seed: int = 0) -> tuple[Task, dict]:
-    """The paper-size Task (40 classes, 300 points, k = 20, width 21) and one training batch
-    ``{"points": (batch, 300, 3), "label": (batch,)}`` of procedural shapes (seeded)."""
+def benchmark_case(batch: int, seed: int = 0, branch_kind: str | None = None) -> tuple[Task, dict]:
+    """The paper-size Task (40 classes, 300 points, k = 20, width 21; ``branch_kind`` overrides
+    the preset's) and one training batch ``{"points": (batch, 300, 3), "label": (batch,)}`` of
+    procedural shapes (seeded)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     from data.shapes import make_shapes
 
     preset = PRESETS["paper"]
+    if branch_kind is not None:
+        preset = dataclasses.replace(preset, branch_kind=branch_kind)
     points, labels = make_shapes(math.ceil(batch / 40), 0, 0, num_points=preset.num_points, seed=seed)["train"]
     pick = np.random.default_rng(seed).permutation(len(labels))[:batch]
     data = {"points": np.asarray(points[pick], np.float32), "label": np.asarray(labels[pick], np.int32)}
@@ -457,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=None, help="fraction of points dropped in the dropout study")
     parser.add_argument("--studies", default=None, help="comma-separated subset of " + ", ".join(STUDIES))
     parser.add_argument("--classes", default=None, help="comma-separated class names, or 'all'")
-    parser.add_argument("--branch-kind", choices=("axis", "dense"), default=None,
-                        help="ACE branch: 'axis' (per-channel xyz mixing, default) or 'dense' (the paper's Dense)")
+    parser.add_argument("--branch-kind", choices=("axis", "dense", "in_kernel"), default=None,
+                        help="ACE branch: 'axis' (per-channel xyz mixing), 'dense' (the paper's Dense) or "
+                             "'in_kernel' (per-axis channel mixing folded into each VN-Linear; default)")
     parser.add_argument("--cache-dir", default=None, help="data cache folder")
     return parser
 

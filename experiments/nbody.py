@@ -106,7 +106,8 @@ def make_model(model_name: str, spectral_branch: bool = False, gamma_init: float
     """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py).
 
     ``branch_kind`` (SEGNN only): ``"dense"`` Linear branches on the flattened features (the
-    paper's) or ``"axis"`` per-channel 3×3 mixing of the vector features (much cheaper).
+    paper's), ``"axis"`` per-channel 3×3 mixing of the vector features (much cheaper) or
+    ``"in_kernel"`` (a per-axis vector→vector weight folded into each block's last product).
     """
     if model_name == "egnn" and branch_kind != "dense":
         raise ValueError("--branch-kind applies to SEGNN; EGNN's branches are small Linear layers already")
@@ -188,11 +189,11 @@ def make_task(model, example: dict) -> Task:
                 regularizer=make_lie_regularizer(predict))
 
 
-def benchmark_case(model_name: str, batch: int, seed: int = 0):
-    """``(Task, batch_dict)`` for timing one train step: the N-body task of ``model_name`` and
-    ``batch`` random but plausible graphs (no data generation): positions ~ N(0, 1.5²),
-    velocities of speed ~0.5–1, charges ±1, target = loc + vel (all float32, shapes
-    loc/vel/target (batch, 5, 3), charges (batch, 5, 1))."""
+def benchmark_case(model_name: str, batch: int, seed: int = 0, branch_kind: str = "dense"):
+    """``(Task, batch_dict)`` for timing one train step: the N-body task of ``model_name`` (with
+    SEGNN branches of ``branch_kind``) and ``batch`` random but plausible graphs (no data
+    generation): positions ~ N(0, 1.5²), velocities of speed ~0.5–1, charges ±1, target =
+    loc + vel (all float32, shapes loc/vel/target (batch, 5, 3), charges (batch, 5, 1))."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     rng = np.random.default_rng(seed)
@@ -202,7 +203,7 @@ def benchmark_case(model_name: str, batch: int, seed: int = 0):
     charges = rng.choice([-1.0, 1.0], (batch, 5, 1))
     data = {"loc": loc, "vel": vel, "charges": charges, "target": loc + vel}
     data = {k: v.astype(np.float32) for k, v in data.items()}
-    task = make_task(make_model(model_name), {k: v[0] for k, v in data.items()})
+    task = make_task(make_model(model_name, branch_kind=branch_kind), {k: v[0] for k, v in data.items()})
     return task, data
 
 
@@ -330,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vmap-seeds", action="store_true", help="train all seeds of a method in one program")
     parser.add_argument("--spectral-branch", choices=("auto", "on", "off"), default="auto",
                         help="spectrally normalised branches (auto: only for ace-resilient)")
-    parser.add_argument("--branch-kind", choices=("dense", "axis"), default="dense",
-                        help="SEGNN ACE branches: dense Linear on flattened features (paper) or per-channel 3x3 vector mixing")
+    parser.add_argument("--branch-kind", choices=("dense", "axis", "in_kernel"), default="dense",
+                        help="SEGNN ACE branches: dense Linear on flattened features (paper), per-channel 3x3 vector "
+                             "mixing, or per-axis vector weights folded into each block's last product")
     parser.add_argument("--cache-dir", default=None, help="N-body data cache (default ~/.cache/ace_jax/nbody)")
     return parser
 

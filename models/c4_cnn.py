@@ -25,21 +25,27 @@ flattened into the input channels ``(s, c)``.
 
 The network (``C4CNN``): lifting conv → ReLU, then ``num_layers − 1`` group convs → ReLU,
 then orientation pooling (mean over the 4 axis) and a 1×1 conv to one output channel, an
-image that rotates with the input. Every layer i and the output carry an ACE branch
-``γ_i · g_i(h_{i−1})`` added to the layer output (after the nonlinearity), where g_i is a plain
-(non-equivariant) convolution on the flattened input features ``(H, W, 4·C)`` (the input
-image for the lifting layer); a 1×1 branch is the paper's "Linear layer on the flattened
-features". By default the branch kernels are spectral-normalised and read unit-norm pixel
-vectors, so that |g_i| is bounded and γ_i bounds the breaking (see :class:`ConvBranch`).
+image that rotates with the input. Every layer i and the output carry an ACE branch g_i, a
+plain (non-equivariant) affine convolution of the layer's INPUT flattened to ``(H, W, 4·C)``
+(the input image for the lifting layer); 1×1 by default, the paper's "Linear layer on the
+flattened features" (METHOD.md §1: f_i(x) = f_eq,i(x) + γ_i g_i(x)).
 
-A cheaper variant exists but is not the default: ``branch_bound="tanh", branch_shared=True``
-(tanh on the branch output instead of the normalisation pass over its input, and each
-group-conv branch emitting C channels shared by the four orientations; the lifting branch is
-never shared, since a shared map of the 1-channel image would be equivariant). Its ACE step
-measured about 1.0× the vanilla step (batch 32, 2-core CPU; the default costs ~1.4×), but on the
-quick C4 study (3 seeds) its square → square projection ended at MSE ~0.15–0.20 against the
-baseline's 1.5e-3, γ ≈ 0.2–0.3 (the network leaned on a small-γ correction), while the
-default reached γ ≈ 0 and projection MSE 1.2e-5.
+Default (``branch_in_kernel=True``): the branch is folded into the layer's own convolution,
+``h_i = act(h_{i−1} ⋆ (ψ_i + γ_i δψ_i) + b_i + γ_i δb_i)``, so the ACE model does the vanilla
+model's convolutions plus a few kernel additions (:class:`ace_jax.WeightBranch`, δψ
+spectral-normalised: per pixel ‖γ δψ h‖ ≤ |γ| ‖h‖, a bound relative to the layer input).
+Measured on the quick C4 study (3 seeds, ``python -m experiments.c4_toy --seeds 3``): square →
+square γ → 0 (all layers ≤ 0.015) with projection MSE 2.0e-4 against the baseline's 1.5e-3;
+rectangle and non-symmetric full-model MSE 1.45e-2 / 1.30e-2 below the C4 floors 3.5e-2 /
+5.4e-2.
+
+Other branch forms (``branch_in_kernel=False``): γ_i·g_i(h_{i−1}) added AFTER the
+nonlinearity, by a separate :class:`ConvBranch`. ``branch_bound="normalize"`` (unit-norm input
+pixels, |g| bounded absolutely) gave the same qualitative results (square → square projection
+1.2e-5) at ~1.3× the vanilla step; ``branch_bound="tanh", branch_shared=True`` (C channels
+shared by the four orientations; the lifting branch is never shared, since a shared map of
+the 1-channel image would be equivariant) costs ~1.0× but failed square → square (γ stayed
+0.2–0.3, projection MSE 0.15–0.20).
 With ``project=True`` no branch is evaluated and, at init, no branch parameters and no γ
 are created.
 """
@@ -53,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ace_jax import SymmetryBreaking, spectral_norm
+from ace_jax import SymmetryBreaking, WeightBranch, spectral_norm
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -88,40 +94,65 @@ def group_filter_bank(kernel: jax.Array) -> jax.Array:
     return bank.reshape(k, k, 4 * c_in, 4 * c_out)
 
 
+def _perturbed_conv(x, bank, bias, perturbation):
+    """``x ⋆ bank + bias`` (bias shared over the 4 orientations), plus the optional
+    non-equivariant ``perturbation = (δψ (k_b, k_b, I, O), δb (O,))`` folded into the same conv:
+    δψ is zero-padded to the bank's centred k×k window, so ``x ⋆ (bank + δψ) = x ⋆ bank + x ⋆ δψ``
+    costs one convolution."""
+    k = bank.shape[0]
+    bias = jnp.tile(bias, 4)
+    if perturbation is not None:
+        delta, delta_bias = perturbation
+        if delta.shape[2:] != bank.shape[2:] or delta.shape[0] > k:
+            raise ValueError(f"perturbation kernel {delta.shape} does not fit the filter bank {bank.shape}")
+        pad = (k - delta.shape[0]) // 2
+        bank = bank + jnp.pad(delta, ((pad, pad), (pad, pad), (0, 0), (0, 0)))
+        bias = bias + delta_bias
+    return _conv(x, bank) + bias.astype(x.dtype)
+
+
 class LiftingConv(nn.Module):
-    """Images ``(B, H, W, C_in)`` → group feature maps ``(B, H, W, 4, features)``."""
+    """Images ``(B, H, W, C_in)`` → group feature maps ``(B, H, W, 4, features)``.
+
+    Call ``layer(x, perturbation=None)``; ``perturbation = (δψ (k_b, k_b, C_in, 4·features),
+    δb (4·features,))`` adds the plain conv ``x ⋆ δψ + δb`` (channels (r, c')) in the same conv.
+    """
 
     features: int
     kernel_size: int = 3
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, perturbation=None) -> jax.Array:
         _check_odd(self.kernel_size)
         if x.ndim != 4:
             raise ValueError(f"LiftingConv expects (B, H, W, C), got shape {x.shape}")
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = _conv(x, lifting_filter_bank(kernel))
-        return y.reshape(*x.shape[:3], 4, self.features) + bias.astype(y.dtype)
+        y = _perturbed_conv(x, lifting_filter_bank(kernel), bias, perturbation)
+        return y.reshape(*x.shape[:3], 4, self.features)
 
 
 class GroupConv(nn.Module):
-    """Group feature maps ``(B, H, W, 4, C_in)`` → ``(B, H, W, 4, features)``."""
+    """Group feature maps ``(B, H, W, 4, C_in)`` → ``(B, H, W, 4, features)``.
+
+    Call ``layer(f, perturbation=None)``; ``perturbation = (δψ (k_b, k_b, 4·C_in, 4·features),
+    δb (4·features,))`` adds the plain conv of the flattened maps in the same conv.
+    """
 
     features: int
     kernel_size: int = 3
 
     @nn.compact
-    def __call__(self, f: jax.Array) -> jax.Array:
+    def __call__(self, f: jax.Array, perturbation=None) -> jax.Array:
         _check_odd(self.kernel_size)
         if f.ndim != 5 or f.shape[-2] != 4:
             raise ValueError(f"GroupConv expects (B, H, W, 4, C), got shape {f.shape}")
         k, c_in = self.kernel_size, f.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 4, c_in, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = _conv(f.reshape(*f.shape[:3], 4 * c_in), group_filter_bank(kernel))
-        return y.reshape(*f.shape[:3], 4, self.features) + bias.astype(y.dtype)
+        y = _perturbed_conv(f.reshape(*f.shape[:3], 4 * c_in), group_filter_bank(kernel), bias, perturbation)
+        return y.reshape(*f.shape[:3], 4, self.features)
 
 
 BRANCH_BOUNDS = ("tanh", "normalize", "none")
@@ -183,11 +214,17 @@ class C4CNN(nn.Module):
       kernel_size: odd spatial size of the equivariant filters.
       branch_kernel_size: odd spatial size of the breaking branches' plain convs.
       spectral: spectral-normalise the branches (METHOD.md §5).
-      branch_bound: how each branch is kept bounded, ``"normalize"`` (default), ``"tanh"``
-        or ``"none"`` (see :class:`ConvBranch`).
-      branch_shared: each group-conv layer's branch outputs C channels added to all 4
-        orientations instead of 4·C channels, one per (orientation, channel) (default). The
-        lifting layer's branch is never shared (shared, it would not break C4).
+      branch_in_kernel: fold each branch, an affine conv of the layer's INPUT, into that
+        layer's convolution, ``act(x ⋆ (ψ + γ·δψ) + b + γ·δb)`` (default): no extra pass over
+        the features; ``branch_kernel_size`` may be up to ``kernel_size``; needs
+        ``branch_bound="none"`` (the bound is the spectral norm's, relative to the input;
+        :class:`ace_jax.WeightBranch` holds δψ as a ``(k_b·k_b·C_in, C_out)`` matrix and δb).
+        The output branch is ``γ·(flat(h) δW + δb)`` next to the readout.
+      branch_bound: with ``branch_in_kernel=False``, how each post-activation branch is
+        bounded: ``"normalize"``, ``"tanh"`` or ``"none"`` (see :class:`ConvBranch`).
+      branch_shared: with ``branch_in_kernel=False``, each group-conv layer's branch outputs C
+        channels added to all 4 orientations instead of 4·C channels. The lifting layer's
+        branch is never shared (shared, it would not break C4).
       gamma_init: initial γ of every branch.
       activation: pointwise nonlinearity (any pointwise map keeps equivariance).
 
@@ -201,8 +238,9 @@ class C4CNN(nn.Module):
     kernel_size: int = 3
     branch_kernel_size: int = 1
     spectral: bool = True
-    branch_bound: str = "normalize"
+    branch_bound: str = "none"
     branch_shared: bool = False
+    branch_in_kernel: bool = True
     gamma_init: float = 1.0
     activation: Callable = nn.relu
 
@@ -212,9 +250,24 @@ class C4CNN(nn.Module):
             raise ValueError(f"C4CNN expects a square single-channel image (H, H, 1) or (B, H, H, 1), got {x.shape}")
         if self.num_layers < 1 or self.channels < 1:
             raise ValueError(f"num_layers and channels must be >= 1, got {self.num_layers}, {self.channels}")
+        if self.branch_bound not in BRANCH_BOUNDS:
+            raise ValueError(f"C4CNN branch_bound must be one of {BRANCH_BOUNDS}, got {self.branch_bound!r}")
+        if self.branch_in_kernel:
+            if self.branch_bound != "none" or self.branch_shared:
+                raise ValueError(
+                    "branch_in_kernel folds an affine branch into the conv kernel: it needs "
+                    f"branch_bound='none' and branch_shared=False, got {self.branch_bound!r}, {self.branch_shared}"
+                )
+            if self.branch_kernel_size > self.kernel_size:
+                raise ValueError(
+                    f"branch_in_kernel needs branch_kernel_size <= kernel_size, got {self.branch_kernel_size} > {self.kernel_size}"
+                )
         single = x.ndim == 3
         if single:
             x = x[None]
+        if self.branch_in_kernel:
+            y = self._in_kernel(x, project)
+            return y[0] if single else y
         batch, height, width, _ = x.shape
         c = self.channels
 
@@ -244,3 +297,29 @@ class C4CNN(nn.Module):
         if not project:
             y = y + breaking("output_breaking", 1, h.reshape(batch, height, width, 4 * c))
         return y[0] if single else y
+
+    def _in_kernel(self, x: jax.Array, project: bool) -> jax.Array:
+        """The network with every branch folded into its layer's convolution."""
+        batch, height, width, _ = x.shape
+        c, kb = self.channels, self.branch_kernel_size
+
+        def perturbation(name, in_features, features, size=kb):
+            """(γ·δψ (size, size, in, out), γ·δb): the layer's folded branch (ace_jax.WeightBranch)."""
+            branch = WeightBranch((size * size * in_features, features), self.spectral, use_bias=True, parent=None)
+            delta, delta_bias = SymmetryBreaking(branch, self.gamma_init, name=name)()
+            return delta.reshape(size, size, in_features, features), delta_bias
+
+        if project:
+            perturbation = lambda *args: None  # noqa: E731
+
+        h = LiftingConv(c, self.kernel_size, name="layer0")(x, perturbation("layer0_breaking", x.shape[-1], 4 * c))
+        h = self.activation(h)
+        for i in range(1, self.num_layers):
+            layer = GroupConv(c, self.kernel_size, name=f"layer{i}")
+            h = self.activation(layer(h, perturbation(f"layer{i}_breaking", 4 * c, 4 * c)))
+        y = nn.Dense(1, name="readout")(jnp.mean(h, axis=-2))
+        if not project:
+            delta, delta_bias = perturbation("output_breaking", 4 * c, 1, size=1)
+            flat = h.reshape(batch, height, width, 4 * c)
+            y = y + flat @ delta[0, 0].astype(flat.dtype) + delta_bias.astype(flat.dtype)
+        return y

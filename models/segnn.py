@@ -46,6 +46,12 @@ an edge-level one; same numbers). With hidden layers g runs on every edge.
 summed at node level, and about 1/50 of the dense branch's work. Measured (batch 100, 2-core
 CPU, interleaved, p25): vanilla 29.6 ms, ACE dense 37.8 ms (1.28×), ACE axis 34.8 ms (1.18×) —
 the axis branch is bound by memory passes and the reduction for ∂L/∂A_c, not by FLOPs.
+``branch_kind="in_kernel"`` folds the branch into the block's last product instead
+(:class:`ace_jax.WeightBranch`): the vector→vector weight of message_2 / update_2 becomes one
+matrix per xyz component, out_v[k] = v[k] (W_vv + γ δ_k) (+ the attribute paths), i.e. the
+branch g(x)_k = x_k δ_k reads the block's input (METHOD.md §1's f_eq(x) + γ g(x)) and costs
+no extra pass: measured 0.99–1.01× the vanilla step (same setting, both cores shared with a
+training run, so absolute times were ~2.5× the quiet ones).
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N
@@ -71,9 +77,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import AxisMixBranch, MLPBranch, SymmetryBreaking
+from ace_jax import AxisMixBranch, MLPBranch, SymmetryBreaking, WeightBranch, summed_affine_branch
 
-BRANCH_KINDS = ("dense", "axis")
+BRANCH_KINDS = ("dense", "axis", "in_kernel")
 
 SQRT3 = math.sqrt(3.0)
 SH_NORMALIZATIONS = ("integral", "component")
@@ -176,12 +182,14 @@ def _check_a0(a0) -> float:
     return float(a0)
 
 
-def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=None) -> Steerable:
+def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=None, vv_perturbation=None) -> Steerable:
     """The steerable linear map of the module docstring.
 
     Args:
       s (..., n_s), v (..., 3, n_v): input feature; a0 float, a1 (..., 3): attribute.
       w_ss (n_s, S), w_vs (n_v, S), w_sv (n_s, V), w_vv (n_v, V); bias (S,) or None.
+      vv_perturbation: None or δ (3, n_v, V): adds Σ_c v_{k c} δ_{k c d} to out_v[..., k, d], a
+        component-dependent (rotation-breaking) map folded into the vector→vector product.
     Returns: (out_s (..., S), out_v (..., 3, V)).
 
     The scalar-input paths are one matmul: [s, v·a1] @ [[a0 W_ss, W_sv], [W_vs/√3, 0]] / √n.
@@ -201,7 +209,14 @@ def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=N
     out_s = y[..., :n_s_out]
     if bias is not None:
         out_s = out_s + bias
-    out_v = a1[..., :, None] * y[..., None, n_s_out:] + v @ (w_vv * (a0 * scale))
+    w_vv = w_vv * (a0 * scale)
+    if vv_perturbation is None:
+        vv = v @ w_vv
+    else:
+        if vv_perturbation.shape != (3,) + w_vv.shape:
+            raise ValueError(f"vv_perturbation must have shape {(3,) + w_vv.shape}, got {vv_perturbation.shape}")
+        vv = jnp.einsum("...kc,kcd->...kd", v, w_vv + vv_perturbation)
+    out_v = a1[..., :, None] * y[..., None, n_s_out:] + vv
     return out_s, out_v
 
 
@@ -223,7 +238,8 @@ class SteerableLinear(nn.Module):
     """Steerable layer ``(n_s x 0e + n_v x 1o) ⊗ (1x0e + 1x1o) -> scalars x 0e + vectors x 1o``.
 
     ``gated=True`` computes ``scalars + vectors`` scalars and applies :func:`gate`.
-    Call: ``(s (..., n_s), v (..., 3, n_v), a0 float, a1 (..., 3)) -> (s', v')``.
+    Call: ``(s (..., n_s), v (..., 3, n_v), a0 float, a1 (..., 3), vv_perturbation=None) -> (s', v')``
+    (``vv_perturbation``: see :func:`steerable_tensor_product`).
     """
 
     scalars: int
@@ -231,10 +247,10 @@ class SteerableLinear(nn.Module):
     gated: bool = False
 
     @nn.compact
-    def __call__(self, s: jax.Array, v: jax.Array, a0: float, a1: jax.Array) -> Steerable:
+    def __call__(self, s: jax.Array, v: jax.Array, a0: float, a1: jax.Array, vv_perturbation=None) -> Steerable:
         n_s_out = self.scalars + (self.vectors if self.gated else 0)
         weights = _weights(self, s.shape[-1], v.shape[-1], n_s_out, self.vectors)
-        out_s, out_v = steerable_tensor_product(s, v, a0, a1, *weights)
+        out_s, out_v = steerable_tensor_product(s, v, a0, a1, *weights, vv_perturbation=vv_perturbation)
         return gate(out_s, out_v) if self.gated else (out_s, out_v)
 
 
@@ -316,32 +332,43 @@ class SEGNNLayer(nn.Module):
     def __call__(self, h: Steerable, edge_scalars, edge_a0, edge_a1, node_a0, node_a1, project: bool) -> Steerable:
         if self.branch_kind not in BRANCH_KINDS:
             raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {self.branch_kind!r}")
-        if self.branch_kind == "axis" and tuple(self.branch_hidden):
+        if self.branch_kind != "dense" and tuple(self.branch_hidden):
             raise ValueError("branch_hidden applies to dense branches only (branch_kind='dense')")
         s, v = h
         n = s.shape[0]
         axis = self.branch_kind == "axis"
+        folded = self.branch_kind == "in_kernel" and not project
+        separate = not project and not folded  # a branch applied to the block output
         per_edge_branch = len(tuple(self.branch_hidden)) > 0
+
+        def weight_breaking(name):  # γ·δ (3, n_v, n_v), folded into the block's last product
+            branch = WeightBranch((3, self.n_v, self.n_v), self.spectral_branch, parent=None)
+            return SymmetryBreaking(branch, self.gamma_init, name=name)()
+
         m_s, m_v = PairSteerableLinear(self.n_s, self.n_v, name="message_1")(s, v, edge_scalars, edge_a0, edge_a1)
-        m_s, m_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="message_2")(m_s, m_v, edge_a0, edge_a1)
-        if not project and per_edge_branch:
+        m_s, m_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="message_2")(
+            m_s, m_v, edge_a0, edge_a1, weight_breaking("message_breaking") if folded else None
+        )
+        if separate and per_edge_branch:
             flat = flatten_steerable(m_s, m_v)
             m_s, m_v = unflatten_steerable(flat + self._breaking("message_breaking")(flat), self.n_s, self.n_v)
         agg_s, agg_v = m_s.sum(axis=1), m_v.sum(axis=1)
-        if not project and axis:  # linear g: Σ_j (m_ij + γ g(m_ij)) = m_i + γ g(m_i)
+        if separate and axis:  # linear g: Σ_j (m_ij + γ g(m_ij)) = m_i + γ g(m_i)
             agg_v = agg_v + self._breaking("message_breaking")(agg_v)
-        elif not project and not per_edge_branch:
+        elif separate and not per_edge_branch:
             # affine g: Σ_j (m_ij + γ g(m_ij)) = m_i + γ (N−1) g(m_i / (N−1))
             flat = flatten_steerable(agg_s, agg_v)
-            flat = flat + (n - 1) * self._breaking("message_breaking")(flat / (n - 1))
+            flat = flat + summed_affine_branch(self._breaking("message_breaking"), flat, n - 1)
             agg_s, agg_v = unflatten_steerable(flat, self.n_s, self.n_v)
 
         u_s, u_v = jnp.concatenate([s, agg_s], axis=-1), jnp.concatenate([v, agg_v], axis=-1)
         u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="update_1")(u_s, u_v, node_a0, node_a1)
-        u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=False, name="update_2")(u_s, u_v, node_a0, node_a1)
-        if not project and axis:
+        u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=False, name="update_2")(
+            u_s, u_v, node_a0, node_a1, weight_breaking("update_breaking") if folded else None
+        )
+        if separate and axis:
             u_v = u_v + self._breaking("update_breaking")(u_v)
-        elif not project:
+        elif separate:
             flat = flatten_steerable(u_s, u_v)
             u_s, u_v = unflatten_steerable(flat + self._breaking("update_breaking")(flat), self.n_s, self.n_v)
         return s + u_s, v + u_v
@@ -356,9 +383,10 @@ class SEGNN(nn.Module):
       spectral_branch: spectrally normalised branches (:class:`ace_jax.SpectralDense`).
       gamma_init: initial γ of every branch.
       branch_hidden: hidden widths of each branch MLP (() = one affine layer, the default).
-      branch_kind: ``"dense"`` (default: the paper's Linear/MLP on the flattened block output)
-        or ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the block's vector channels only: a
-        learned 3×3 per channel, 9 multiply-adds per channel instead of a 128×128 Dense).
+      branch_kind: ``"dense"`` (default: the paper's Linear/MLP on the flattened block output),
+        ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the block's vector channels only: a
+        learned 3×3 per channel, 9 multiply-adds per channel instead of a 128×128 Dense) or
+        ``"in_kernel"`` (per-component vector weights folded into the block's last product).
 
     Call: ``model.apply(variables, loc (N, 3), vel (N, 3), charges (N, 1), project=False)``
     -> predicted positions (N, 3) = loc + predicted displacement. ``project=True`` is the

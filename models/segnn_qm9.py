@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ace_jax import MLPBranch, SymmetryBreaking
+from ace_jax import MLPBranch, SymmetryBreaking, summed_affine_branch
 from models.schnet import graph_fields
 
 QM9_ELEMENTS = (1, 6, 7, 8, 9)
@@ -172,8 +172,7 @@ class SEGNNQM9Layer(nn.Module):
             # affine g: Σ_j g(m_ij) = deg_i · g(m_i / deg_i) with m_i = Σ_j m_ij (real edges only),
             # so the branch runs once per node instead of once per edge (same numbers).
             degree = jax.ops.segment_sum(edge_mask, receivers, num_nodes)[:, None]
-            mean = aggregated.array / jnp.maximum(degree, 1.0)
-            correction = degree * self._breaking("message", m.irreps.dim)(mean)
+            correction = summed_affine_branch(self._breaking("message", m.irreps.dim), aggregated.array, degree)
             aggregated = aggregated + e3nn.IrrepsArray(m.irreps, correction)
 
         u = e3nn.concatenate([h, aggregated])

@@ -47,22 +47,30 @@ VN-DGCNN (the classifier, for one cloud ``points (P, 3)``; w = ``width``, 21 ≈
 
 ACE (METHOD.md §1, "VN layers 2"): every VN-LeakyReLU block carries two symmetry-breaking
 branches, one on the feature path and one on the direction path, and the frame VN-Linear of
-the invariant layer carries one (15 γ in all). Two kinds of branch (``branch_kind``):
+the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_kind``):
 
-- ``"axis"`` (default): q = W_q V + γ_q · g_q(W_q V), g_q(f)_c = f_c A_c with a learned 3×3
-  A_c per channel (:class:`ace_jax.AxisMixBranch`), likewise for k. A Linear map of the flattened
-  features, block-diagonal over channels, applied to the layer's own output: it mixes xyz,
-  which breaks rotation equivariance, at 9 multiply-adds per channel. XLA cost analysis
-  (batch 32 × 300 points, w = 21): the ACE step does 1.02× the vanilla step's FLOPs but moves
-  1.38× the bytes — the branches' extra passes over the (P, k, C, 3) edge tensors and the
-  reduction for ∂L/∂A_c are memory-bound — and measured 1.55× the vanilla step time (2-core
-  CPU, batch 8), down from ~2× with the dense branch.
+- ``"in_kernel"`` (default): the branch is a perturbation of the VN-Linear weight, one
+  channel-mixing matrix per xyz axis, q_i = Σ_c (W_q + γ_q δ_{q,i})_{c·} V_{c,i}
+  (:class:`ace_jax.WeightBranch`, δ spectral-normalised), i.e. q = W_q V + γ_q g_q(V) with g a
+  Linear map of the flattened layer INPUT that is block-diagonal over the xyz axes — a
+  rotation does not commute with axis-dependent weights. It costs the VN-Linear product
+  alone: measured 1.02–1.04× the vanilla step (batch 8, 2-core CPU, interleaved, the other
+  core busy), against 1.58–1.63× for ``"axis"`` in the same run. Quick study (one seed,
+  ``python -m experiments.modelnet --preset quick --branch-kind K``): ACE projection class
+  accuracy 74 % clean / 66 % dropout with in_kernel vs 58 % / 56 % with axis (vanilla 82 % / 80 %).
+- ``"axis"``: q = W_q V + γ_q · g_q(W_q V), g_q(f)_c = f_c A_c with a learned 3×3
+  A_c per channel (:class:`ace_jax.AxisMixBranch`), likewise for k, on the layer's own
+  output. XLA cost analysis (batch 32 × 300 points, w = 21): 1.02× the vanilla FLOPs but
+  1.38× the bytes — the extra passes over the (P, k, C, 3) edge tensors and the reduction for
+  ∂L/∂A_c are memory-bound.
 - ``"dense"``: q = W_q V + γ_q · g_q(V) with g an :class:`ace_jax.MLPBranch` acting on the
   C·3 numbers of ONE point (or edge) flattened in (channel, xyz) order, its C'·3 outputs
   reshaped back to (C', 3) in the same order (:class:`VectorBranch`) — the paper's branch.
   It does 3× the work of the VN-Linear it accompanies, on every edge of every kNN graph:
-  3.8× the vanilla step's FLOPs at the same setting. With ``project=True`` no branch is evaluated (and initialising
-with ``project=True`` creates neither branch parameters nor γ: the vanilla VN-DGCNN).
+  3.8× the vanilla step's FLOPs at the same setting.
+
+With ``project=True`` no branch is evaluated (and initialising with ``project=True`` creates
+neither branch parameters nor γ: the vanilla VN-DGCNN).
 (Flattening (C, 3) to C·3 and reshaping back must use the same axis order for every point;
 reshaping a channels-first (C, 3, P) layout without the matching transpose would mix
 numbers of different points — ``tests/test_vn_dgcnn.py`` checks the layout.)
@@ -80,7 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import GAMMA, AxisMixBranch, MLPBranch, SymmetryBreaking, named_leaves
+from ace_jax import GAMMA, AxisMixBranch, MLPBranch, SymmetryBreaking, WeightBranch, named_leaves
 
 EPS = 1e-6
 """ε of the VN nonlinearity and norms (as in the public Vector Neurons code)."""
@@ -153,15 +161,24 @@ def point_edge_features(points: jax.Array, k: int, cross_product: bool = True) -
 
 
 class VNLinear(nn.Module):
-    """VN-Linear ``(..., C, 3) → (..., features, 3)``: V'_{c'} = Σ_c W_{c c'} V_c (no bias)."""
+    """VN-Linear ``(..., C, 3) → (..., features, 3)``: V'_{c'} = Σ_c W_{c c'} V_c (no bias).
+
+    Call ``layer(x, perturbation=None)``; a ``perturbation`` δW ``(3, C, features)`` gives each
+    xyz axis its own matrix, V'_{c', i} = Σ_c (W + δW_i)_{c c'} V_{c, i} — the VN-Linear map
+    plus the (rotation-breaking) branch Σ_c δW_{i, c c'} V_{c, i}, in one product.
+    """
 
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, perturbation: jax.Array | None = None) -> jax.Array:
         _check_vectors(x, "VNLinear")
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-2], self.features))
-        return jnp.einsum("...ci,cd->...di", x, kernel.astype(x.dtype))
+        if perturbation is None:
+            return jnp.einsum("...ci,cd->...di", x, kernel.astype(x.dtype))
+        if perturbation.shape != (3,) + kernel.shape:
+            raise ValueError(f"VNLinear perturbation must have shape {(3,) + kernel.shape}, got {perturbation.shape}")
+        return jnp.einsum("...ci,icd->...di", x, (kernel + perturbation).astype(x.dtype))
 
 
 def vn_leaky_relu(q: jax.Array, k: jax.Array, negative_slope: float = 0.2) -> jax.Array:
@@ -217,7 +234,7 @@ class VectorBranch(nn.Module):
         return y.reshape(x.shape[:-2] + (self.features, 3))
 
 
-BRANCH_KINDS = ("axis", "dense")
+BRANCH_KINDS = ("axis", "dense", "in_kernel")
 
 
 def breaking_map(kind: str, channels: int, hidden: Sequence[int], spectral: bool) -> nn.Module:
@@ -230,7 +247,16 @@ def breaking_map(kind: str, channels: int, hidden: Sequence[int], spectral: bool
         return AxisMixBranch(component_axis=-1, normalize=spectral, parent=None)
     if kind == "dense":
         return VectorBranch(channels, hidden=tuple(hidden), spectral=spectral, parent=None)
+    if kind == "in_kernel":
+        raise ValueError("in_kernel branches are folded into VNLinear (see weight_breaking), not applied as a map")
     raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {kind!r}")
+
+
+def weight_breaking(name: str, fan_in: int, fan_out: int, spectral: bool, gamma_init: float) -> jax.Array:
+    """γ·δW ``(3, fan_in, fan_out)`` for :class:`VNLinear`'s ``perturbation`` (``branch_kind="in_kernel"``):
+    one spectral-normalised channel-mixing matrix per xyz axis (:class:`ace_jax.WeightBranch`)."""
+    branch = WeightBranch((3, fan_in, fan_out), spectral, parent=None)
+    return SymmetryBreaking(branch, gamma_init=gamma_init, name=name)()
 
 
 class VNLinearLeakyReLU(nn.Module):
@@ -242,8 +268,9 @@ class VNLinearLeakyReLU(nn.Module):
       negative_slope: α of the leaky nonlinearity (0.2 in the paper).
       shared_direction: one direction channel for all features (the paper's conv5).
       use_norm: apply :class:`VNNorm` to q.
-      branch_kind: ``"axis"`` (default, :class:`ace_jax.AxisMixBranch` on the path's output) or
-        ``"dense"`` (:class:`VectorBranch` on the block input); see :func:`breaking_map`.
+      branch_kind: ``"in_kernel"`` (default, :func:`weight_breaking` folded into each VNLinear),
+        ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the path's output) or ``"dense"``
+        (:class:`VectorBranch` on the block input); see :func:`breaking_map`.
       branch_hidden / spectral_branch: hidden sizes of dense branches / normalised branches.
       gamma_init: initial γ of both branches.
     """
@@ -255,7 +282,7 @@ class VNLinearLeakyReLU(nn.Module):
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = True
     gamma_init: float = 1.0
-    branch_kind: str = "axis"
+    branch_kind: str = "in_kernel"
 
     def _corrected(self, out: jax.Array, x: jax.Array, name: str) -> jax.Array:
         """``out + γ·g(·)``; g reads ``out`` (axis branch) or the block input ``x`` (dense)."""
@@ -268,15 +295,22 @@ class VNLinearLeakyReLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, project: bool = False) -> jax.Array:
         _check_vectors(x, "VNLinearLeakyReLU")
-        q = VNLinear(self.features, name="feature")(x)
-        if not project:
-            q = self._corrected(q, x, "feature_breaking")
+        if self.branch_kind not in BRANCH_KINDS:
+            raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {self.branch_kind!r}")
+        direction_channels = 1 if self.shared_direction else self.features
+        folded = self.branch_kind == "in_kernel" and not project
+
+        def path(name: str, channels: int, breaking: str) -> jax.Array:
+            if folded:
+                delta = weight_breaking(breaking, x.shape[-2], channels, self.spectral_branch, self.gamma_init)
+                return VNLinear(channels, name=name)(x, delta)
+            out = VNLinear(channels, name=name)(x)
+            return out if project else self._corrected(out, x, breaking)
+
+        q = path("feature", self.features, "feature_breaking")
         if self.use_norm:
             q = VNNorm(name="norm")(q)
-        direction_channels = 1 if self.shared_direction else self.features
-        k = VNLinear(direction_channels, name="direction")(x)
-        if not project:
-            k = self._corrected(k, x, "direction_breaking")
+        k = path("direction", direction_channels, "direction_breaking")
         return vn_leaky_relu(q, k, self.negative_slope)
 
 
@@ -291,7 +325,7 @@ class VNInvariant(nn.Module):
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = True
     gamma_init: float = 1.0
-    branch_kind: str = "axis"
+    branch_kind: str = "in_kernel"
 
     @nn.compact
     def __call__(self, x: jax.Array, project: bool = False) -> jax.Array:
@@ -301,8 +335,12 @@ class VNInvariant(nn.Module):
                      spectral_branch=self.spectral_branch, gamma_init=self.gamma_init, branch_kind=self.branch_kind)
         z = VNLinearLeakyReLU(max(channels // 2, 1), name="frame1", **block)(x, project)
         z = VNLinearLeakyReLU(max(channels // 4, 1), name="frame2", **block)(z, project)
-        frame = VNLinear(3, name="frame")(z)
-        if not project:
+        if self.branch_kind == "in_kernel" and not project:
+            delta = weight_breaking("frame_breaking", z.shape[-2], 3, self.spectral_branch, self.gamma_init)
+            frame = VNLinear(3, name="frame")(z, delta)
+        else:
+            frame = VNLinear(3, name="frame")(z)
+        if not project and self.branch_kind != "in_kernel":
             branch = breaking_map(self.branch_kind, 3, self.branch_hidden, self.spectral_branch)
             source = frame if self.branch_kind == "axis" else z
             frame = frame + SymmetryBreaking(branch, gamma_init=self.gamma_init, name="frame_breaking")(source)
@@ -324,7 +362,7 @@ class VNDGCNN(nn.Module):
       head_hidden: hidden sizes of the MLP head.
       negative_slope: slope of every VN-LeakyReLU and of the head.
       cross_product: add x_j × x_i to the first layer's edge features.
-      branch_kind: ``"axis"`` (default) or ``"dense"`` branches (:func:`breaking_map`).
+      branch_kind: ``"in_kernel"`` (default), ``"axis"`` or ``"dense"`` branches (module doc).
       branch_hidden / spectral_branch: hidden sizes of dense branches / normalised branches.
 
     Call: ``(points (P, 3), project=False) -> logits (num_classes,)``.
@@ -339,7 +377,7 @@ class VNDGCNN(nn.Module):
     cross_product: bool = True
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = True
-    branch_kind: str = "axis"
+    branch_kind: str = "in_kernel"
 
     @nn.compact
     def __call__(self, points: jax.Array, project: bool = False) -> jax.Array:
@@ -375,7 +413,7 @@ def init_variables(model: VNDGCNN, rng: jax.Array, num_points: int, project: boo
     """Variables of ``model`` for clouds of ``num_points`` points, from ONE random draw.
 
     Same tree as ``model.init(rng, points, project=project)`` (read off with
-    ``jax.eval_shape``, nothing is compiled), filled as: every 2-D ``kernel`` (fan_in,
+    ``jax.eval_shape``, nothing is compiled), filled as: every ``kernel`` (..., fan_in,
     fan_out) ~ N(0, 1/fan_in) (LeCun normal, untruncated); every ``bias`` 0; every ``scale``
     1 (VNNorm, LayerNorm); every γ = ``model.gamma_init``. All kernels come from a single
     ``jax.random.normal`` of the total size, split in tree order: compiling flax's per-parameter
@@ -389,20 +427,20 @@ def init_variables(model: VNDGCNN, rng: jax.Array, num_points: int, project: boo
     named = named_leaves(shapes["params"])
     kernels = [name for name, leaf in named.items() if name.endswith("kernel")]
     for name in kernels:
-        if len(named[name].shape) != 2:
-            raise ValueError(f"init_variables expects 2-D kernels, {name} has shape {named[name].shape}")
-    total = sum(named[name].shape[0] * named[name].shape[1] for name in kernels)
+        if len(named[name].shape) < 2:
+            raise ValueError(f"init_variables expects kernels (..., fan_in, fan_out), {name} has shape {named[name].shape}")
+    total = sum(int(np.prod(named[name].shape)) for name in kernels)
     draws = np.asarray(jax.random.normal(rng, (total,), jnp.float32))
     offsets, start = {}, 0
     for name in kernels:
-        size = named[name].shape[0] * named[name].shape[1]
+        size = int(np.prod(named[name].shape))
         offsets[name], start = (start, size), start + size
 
     def fill(path, leaf):  # on the host: no per-parameter device programs
         name = "/".join(str(getattr(key, "key", key)) for key in path)
         if name in offsets:
             start, size = offsets[name]
-            value = draws[start : start + size].reshape(leaf.shape) / np.sqrt(leaf.shape[0])
+            value = draws[start : start + size].reshape(leaf.shape) / np.sqrt(leaf.shape[-2])
         elif name.endswith("scale"):
             value = np.ones(leaf.shape)
         elif name.endswith("bias"):

@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax import lax
 
-from ace_jax import GAMMA, c4_act, c4_regular_act, equivariance_error, projected_variables
+from ace_jax import GAMMA, c4_act, c4_regular_act, equivariance_error, projected_variables, spectral_norm
 from data.c4_toy import (
     TASKS,
     c4_average,
@@ -173,6 +173,29 @@ def test_lifting_and_group_conv_are_equivariant(size):
         np.testing.assert_allclose(gconv(gv, c4_regular_act(f, k)), c4_regular_act(convolved, k), rtol=1e-5, atol=1e-4)
 
 
+def plain_conv(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_perturbation_folded_into_the_filter_bank_equals_a_separate_plain_conv():
+    """``layer(f, (δψ, δb)) = layer(f) + flat(f) ⋆ δψ + δb`` for a smaller, centred δψ."""
+    f = random_images((2, 7, 7, 4, 3), seed=5)
+    gconv = GroupConv(features=2, kernel_size=5)
+    gv = numpy_variables(gconv, f, seed=2)
+    delta, delta_bias = random_images((3, 3, 12, 8), seed=6), random_images((8,), seed=7)
+    folded = gconv.apply(gv, f, (delta, delta_bias))
+    separate = gconv.apply(gv, f) + (plain_conv(f.reshape(2, 7, 7, 12), delta) + delta_bias).reshape(2, 7, 7, 4, 2)
+    np.testing.assert_allclose(folded, separate, rtol=1e-5, atol=1e-4)
+    x = random_images((2, 7, 7, 1), seed=8)
+    lift = LiftingConv(features=2, kernel_size=3)
+    lv = numpy_variables(lift, x, seed=3)
+    delta, delta_bias = random_images((1, 1, 1, 8), seed=9), random_images((8,), seed=10)
+    separate = lift.apply(lv, x) + (x * delta[0, 0] + delta_bias).reshape(2, 7, 7, 4, 2)
+    np.testing.assert_allclose(lift.apply(lv, x, (delta, delta_bias)), separate, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        gconv.apply(gv, f, (random_images((7, 7, 12, 8)), delta_bias))
+
+
 def test_layers_reject_even_kernels_and_bad_shapes():
     with pytest.raises(ValueError, match="odd"):
         numpy_variables(GroupConv(features=2, kernel_size=4), jnp.zeros((1, 6, 6, 4, 2)))
@@ -225,11 +248,16 @@ def test_nonzero_gamma_breaks_equivariance_measurably(small_variables):
     np.testing.assert_allclose(zeroed(x), projection(x), atol=1e-5)
 
 
-def test_every_default_branch_alone_breaks_c4():
-    """With the default 1×1 branches, each single γ_i ≠ 0 (all others 0) breaks C4 — including
+IN_KERNEL = dict(branch_bound="none", branch_in_kernel=True)
+NORMALIZE = dict(branch_bound="normalize", branch_in_kernel=False)
+
+
+@pytest.mark.parametrize("options", [IN_KERNEL, NORMALIZE], ids=["in_kernel", "normalize"])
+def test_every_default_branch_alone_breaks_c4(options):
+    """With 1×1 branches, each single γ_i ≠ 0 (all others 0) breaks C4 — including
     the lifting layer's, whose branch reads the 1-channel image (shared over orientations it
     would be equivariant and break nothing)."""
-    model = C4CNN(channels=2, num_layers=3)
+    model = C4CNN(channels=2, num_layers=3, **options)
     variables = numpy_variables(model, jnp.zeros((1, 10, 10, 1)), seed=3)
     apply = jax.jit(model.apply)
     rotate = lambda k, a: c4_act(a, k)  # noqa: E731
@@ -269,7 +297,7 @@ def test_projection_never_evaluates_the_branches(small_variables):
 def test_branches_are_bounded_per_pixel(bound):
     """Bounded 1×1 spectral branch (tanh output or unit-norm input): |γ·g(h)| ≤ |γ| per pixel,
     whatever the feature scale."""
-    model = C4CNN(channels=2, num_layers=1, branch_kernel_size=1, branch_bound=bound)
+    model = C4CNN(channels=2, num_layers=1, branch_kernel_size=1, branch_bound=bound, branch_in_kernel=False)
     variables = numpy_variables(model, jnp.zeros((1, 8, 8, 1)), scale=3.0)
     x = random_images((2, 8, 8, 1), seed=7)
     # The layer-0 breaking also feeds the readout, so isolate the output branch with γ_0 = 0.
@@ -337,6 +365,49 @@ def test_study_transform_rotates_input_and_target_together_and_benchmark_batch()
     assert len(seen) > 1
     with pytest.raises(ValueError):
         benchmark_case(0)
+
+
+def test_in_kernel_branches_match_the_explicit_network_and_project_exactly():
+    """``branch_in_kernel``: every layer is act(eq(h) + γ·(flat(h) ⋆ δψ + δb)), written out here
+    with separate convs; its projection is exactly C4-equivariant and equals γ = 0."""
+    model = C4CNN(channels=2, num_layers=2, branch_kernel_size=3, **IN_KERNEL)
+    v = numpy_variables(model, jnp.zeros((1, 10, 10, 1)), seed=5)
+    p, g = v["params"], {n: float(v[GAMMA][n]["gamma"]) for n in v[GAMMA]}
+
+    def branch(name, inputs, size=3):
+        matrix = p[name]["branch"]["kernel"]  # (size·size·C_in, C_out)
+        sigma = spectral_norm(matrix)  # power iteration, tested elsewhere
+        kernel = (matrix / sigma).reshape(size, size, inputs.shape[-1], matrix.shape[-1])
+        return g[name] * (plain_conv(inputs, kernel) + p[name]["branch"]["bias"])
+
+    x = X
+    lift = LiftingConv(2, 3).apply({"params": p["layer0"]}, x)
+    h = jax.nn.relu(lift + branch("layer0_breaking", x).reshape(lift.shape))
+    eq = reference_group_conv(h, p["layer1"]["kernel"], p["layer1"]["bias"])
+    h = jax.nn.relu(eq + branch("layer1_breaking", h.reshape(2, 10, 10, 8)).reshape(eq.shape))
+    y = jnp.mean(h, axis=-2) @ p["readout"]["kernel"] + p["readout"]["bias"]
+    y = y + branch("output_breaking", h.reshape(2, 10, 10, 8), size=1)
+    apply = jax.jit(model.apply, static_argnames=("project",))
+    np.testing.assert_allclose(apply(v, x), y, rtol=1e-4, atol=1e-4)
+
+    projection = functools.partial(apply, v, project=True)
+    np.testing.assert_allclose(apply(projected_variables(v), x), projection(x), atol=1e-6)
+    rotate = lambda k, a: c4_act(a, k)  # noqa: E731
+    scale = float(jnp.mean(jnp.abs(projection(x))))
+    assert float(equivariance_error(projection, x, ROTATIONS, rotate, rotate)) < 1e-5 * scale
+    assert float(equivariance_error(functools.partial(apply, v), x, ROTATIONS, rotate, rotate)) > 1e-2 * scale
+    assert GAMMA not in jax.eval_shape(functools.partial(model.init, project=True), jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [(dict(branch_in_kernel=True, branch_bound="normalize"), "branch_bound='none'"),
+     (dict(branch_in_kernel=True, branch_bound="none", branch_shared=True), "branch_shared=False"),
+     (dict(branch_in_kernel=True, branch_bound="none", branch_kernel_size=5), "branch_kernel_size <= kernel_size")],
+)
+def test_in_kernel_rejects_settings_it_cannot_fold(options, match):
+    with pytest.raises(ValueError, match=match):
+        C4CNN(channels=2, num_layers=2, **options).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
 
 
 def test_unknown_branch_bound_is_a_clear_error():

@@ -6,7 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace_jax import GAMMA, Homotopic, MLPBranch, SpectralDense, SymmetryBreaking, named_leaves, projected_variables, spectral_norm
+from ace_jax import (
+    GAMMA,
+    Homotopic,
+    MLPBranch,
+    SpectralDense,
+    SymmetryBreaking,
+    WeightBranch,
+    named_leaves,
+    projected_variables,
+    spectral_norm,
+    summed_affine_branch,
+)
 
 
 class Odd(nn.Module):
@@ -107,3 +118,37 @@ def test_axis_mix_branch_layouts_agree_and_break_rotations():
     assert float(gap) > 1e-2 * float(jnp.linalg.norm(y))
     with pytest.raises(ValueError, match="component_axis"):
         AxisMixBranch(component_axis=0).init(jax.random.PRNGKey(0), x)
+
+
+def test_weight_branch_blocks_are_spectrally_normalised_and_scaled_by_gamma():
+    """SymmetryBreaking(WeightBranch) gives (γ·δW, γ·δb); every (fan_in, fan_out) block of δW
+    has largest singular value 1, so x (W + γ δW) − x W = γ x δW is bounded by |γ|·‖x‖."""
+    breaking = SymmetryBreaking(WeightBranch((3, 5, 4), use_bias=True), gamma_init=0.5)
+    variables = breaking.init(jax.random.PRNGKey(0))
+    assert variables[GAMMA]["gamma"] == 0.5
+    assert variables["params"]["branch"]["kernel"].shape == (3, 5, 4)
+    assert variables["params"]["branch"]["bias"].shape == (3, 4)
+    delta, delta_bias = breaking.apply(variables)
+    singular = [np.linalg.svd(np.asarray(delta[i]) / 0.5, compute_uv=False)[0] for i in range(3)]
+    np.testing.assert_allclose(singular, 1.0, rtol=1e-3)
+    np.testing.assert_array_equal(delta_bias, 0.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (7, 5))
+    assert bool(jnp.all(jnp.linalg.norm(x @ delta[1], axis=-1) <= 0.5 * jnp.linalg.norm(x, axis=-1) * (1 + 1e-3)))
+    raw = WeightBranch((5, 4), spectral=False)
+    raw_vars = raw.init(jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(raw.apply(raw_vars), raw_vars["params"]["kernel"])
+    with pytest.raises(ValueError, match="fan_in, fan_out"):
+        WeightBranch((4,)).init(jax.random.PRNGKey(0))
+
+
+def test_summed_affine_branch_equals_the_per_edge_sum():
+    """Σ_j g(m_j) = n·g(Σ m_j / n) for affine g, per node with its own count (0 → 0)."""
+    dense = nn.Dense(3)
+    messages = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 2))  # 4 nodes × up to 5 edges
+    mask = jnp.asarray(np.arange(5)[None, :] < np.array([5, 2, 0, 1])[:, None], jnp.float32)[..., None]
+    params = dense.init(jax.random.PRNGKey(1), messages)
+    g = lambda m: dense.apply(params, m)  # noqa: E731
+    per_edge = jnp.sum(g(messages) * mask, axis=1)
+    total, count = jnp.sum(messages * mask, axis=1), jnp.sum(mask, axis=1)
+    np.testing.assert_allclose(summed_affine_branch(g, total, count), per_edge, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(summed_affine_branch(g, total, count)[2], 0.0)

@@ -14,7 +14,7 @@ from e3nn_jax.legacy import FunctionalFullyConnectedTensorProduct
 
 from ace_jax import named_leaves, projected_variables
 from models import segnn
-from models.segnn import SEGNN, PairSteerableLinear, SteerableLinear, parameter_count
+from models.segnn import SEGNN, PairSteerableLinear, SteerableLinear, parameter_count, steerable_tensor_product
 
 SMALL = dict(hidden_irreps="4x0e+4x1o", num_layers=2)
 ATTR_IRREPS = "1x0e+1x1o"
@@ -331,10 +331,26 @@ def test_full_model_breaks_rotation_equivariance_and_gamma_zero_restores_it():
     np.testing.assert_allclose(full(zeroed)(x), batched_apply(True)(variables, *x), atol=1e-6)
 
 
-def test_axis_branches_break_rotations_and_project_to_the_same_segnn():
-    """branch_kind="axis": γ ≠ 0 breaks rotation equivariance; γ = 0 is the same SEGNN as the
-    dense-branch model with the same equivariant weights (the branch kind only changes g)."""
-    axis_model = SEGNN(**SMALL, branch_kind="axis")
+def test_vv_perturbation_adds_a_per_component_vector_map():
+    """steerable_tensor_product(..., vv_perturbation=δ) = the plain product + Σ_c v_kc δ_kcd."""
+    rng = np.random.default_rng(21)
+    s, v, a1 = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(6, 3), (6, 3, 2), (6, 3)])
+    weights = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(3, 4), (2, 4), (3, 5), (2, 5)]]
+    delta = jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32)
+    plain_s, plain_v = steerable_tensor_product(s, v, 0.3, a1, *weights)
+    out_s, out_v = steerable_tensor_product(s, v, 0.3, a1, *weights, vv_perturbation=delta)
+    np.testing.assert_allclose(out_s, plain_s, atol=1e-6)
+    expected = plain_v + np.stack([np.asarray(v)[:, k] @ np.asarray(delta)[k] for k in range(3)], axis=1)
+    np.testing.assert_allclose(out_v, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="vv_perturbation"):
+        steerable_tensor_product(s, v, 0.3, a1, *weights, vv_perturbation=delta[0])
+
+
+@pytest.mark.parametrize("kind", ["axis", "in_kernel"])
+def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(kind):
+    """branch_kind "axis" / "in_kernel": γ ≠ 0 breaks rotation equivariance; γ = 0 is the same
+    SEGNN as the dense-branch model with the same equivariant weights (the kind only changes g)."""
+    axis_model = SEGNN(**SMALL, branch_kind=kind)
     graph = nbody_graph(5)
     variables = random_variables(axis_model, *graph, seed=5, gamma=1.0)
     x = graph_batch(11)

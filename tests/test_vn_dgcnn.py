@@ -90,7 +90,7 @@ def test_vn_norm_standardizes_signed_norms():
     np.testing.assert_allclose(signed.std(axis=0), 1.0, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["axis", "dense"])
+@pytest.mark.parametrize("kind", ["axis", "dense", "in_kernel"])
 def test_full_vn_block_breaks_equivariance(kind):
     layer = VNLinearLeakyReLU(4, spectral_branch=False, branch_kind=kind)
     x = jax.random.normal(jax.random.PRNGKey(5), (6, 3, 3))
@@ -99,6 +99,21 @@ def test_full_vn_block_breaks_equivariance(kind):
     rotation = _rotations(1)[0]
     err = _rel(apply(variables, rotate_points(x, rotation)), rotate_points(apply(variables, x), rotation))
     assert err > 1e-2
+
+
+def test_vn_linear_perturbation_is_a_per_axis_channel_mixing():
+    """VNLinear(x, δ): V'_{c', i} = Σ_c (W + δ_i)_{c c'} V_{c, i}; γ = 0 (δ = 0) is VN-Linear."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 3))
+    layer = VNLinear(2)
+    variables = layer.init(jax.random.PRNGKey(4), x)
+    w = np.asarray(variables["params"]["kernel"])
+    delta = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (3, 4, 2)))
+    xn = np.asarray(x)
+    expected = np.stack([xn[..., i] @ (w + delta[i]) for i in range(3)], axis=-1)
+    np.testing.assert_allclose(layer.apply(variables, x, jnp.asarray(delta)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.apply(variables, x, jnp.zeros((3, 4, 2))), layer.apply(variables, x), atol=1e-6)
+    with pytest.raises(ValueError, match="perturbation must have shape"):
+        layer.apply(variables, x, jnp.zeros((4, 2)))
 
 
 def test_axis_mix_branch_matches_per_channel_matrices_and_is_bounded():
