@@ -50,8 +50,11 @@ the axis branch is bound by memory passes and the reduction for ∂L/∂A_c, not
 (:class:`ace_jax.WeightBranch`): the vector→vector weight of message_2 / update_2 becomes one
 matrix per xyz component, out_v[k] = v[k] (W_vv + γ δ_k) (+ the attribute paths), i.e. the
 branch g(x)_k = x_k δ_k reads the block's input (METHOD.md §1's f_eq(x) + γ g(x)) and costs
-no extra pass: measured 0.99–1.01× the vanilla step (same setting, both cores shared with a
-training run, so absolute times were ~2.5× the quiet ones).
+no extra pass: measured 1.00× the vanilla step (vanilla 33.0 ms, ACE 32.9 ms, resilient
+34.4 ms; ``python -m experiments.benchmark --models segnn_in_kernel --steps 100``, quiet 2-core
+CPU). Quick N-body study (3 seeds, plain ascent): ACE projection 0.0351 ± 0.0075 against
+0.0273 ± 0.0030 with the dense branch (vanilla 0.0231 ± 0.0032); not yet run at paper length,
+so the default stays dense.
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N

@@ -54,8 +54,10 @@ the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_
   (:class:`ace_jax.WeightBranch`, δ spectral-normalised), i.e. q = W_q V + γ_q g_q(V) with g a
   Linear map of the flattened layer INPUT that is block-diagonal over the xyz axes — a
   rotation does not commute with axis-dependent weights. It costs the VN-Linear product
-  alone: measured 1.02–1.04× the vanilla step (batch 8, 2-core CPU, interleaved, the other
-  core busy), against 1.58–1.63× for ``"axis"`` in the same run. Quick study (one seed,
+  alone: measured 1.03× the vanilla step against 1.56× for ``"axis"`` (``python -m
+  experiments.benchmark --models vn_dgcnn,vn_dgcnn_axis --methods vanilla,ace --batch 8
+  --steps 20``, one core, the other busy). The per-axis δ triples each VN-Linear's weight count
+  (3.7 M parameters against the vanilla 1.8 M, most of it the MLP head). Quick study (one seed,
   ``python -m experiments.modelnet --preset quick --branch-kind K``): ACE projection class
   accuracy 74 % clean / 66 % dropout with in_kernel vs 58 % / 56 % with axis (vanilla 82 % / 80 %).
 - ``"axis"``: q = W_q V + γ_q · g_q(W_q V), g_q(f)_c = f_c A_c with a learned 3×3
