@@ -42,6 +42,13 @@ DIR/trajectories_<method>.png (γ/λ/u of the first seed) and per run DIR/<metho
 (engine log.jsonl + checkpoint; rerunning into the same DIR resumes finished epochs). With
 ``--vmap-seeds`` (experiments/vmapped_seeds.py) all seeds of a method train in one compiled
 program; only log.jsonl is written per seed (no checkpoint/resume).
+
+Measured at ``--preset paper`` (SEGNN, dense branches, one seed each, 2-core CPU, ~1.5–1.9 h
+per run): vanilla test MSE 0.00609; ACE projection with the Adam dual (``--dual-optimizer
+adam``, as the public code) 0.00500 — γ oscillating ±0.35 to the end; with plain ascent γ
+oscillates with amplitude 0.3–0.5 (run stopped at epoch 414); with ascent + PI
+(``--dual-proportional 300``) γ slides to 0 by epoch ~250 and the projection ends at 0.00632,
+vanilla level. The paper's 3.8e-3 is not reproduced yet.
 """
 
 from __future__ import annotations
