@@ -32,6 +32,7 @@ from ace_jax.homotopic import (
     projected_variables,
     spectral_norm,
     summed_affine_branch,
+    weight_breaking,
 )
 from ace_jax.lagrangian import LagrangianAux, make_lagrangian
 from ace_jax.methods import METHOD_NAMES, Method, get_method, triangle_schedule

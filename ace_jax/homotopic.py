@@ -234,6 +234,16 @@ class WeightBranch(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:])
 
 
+def weight_breaking(
+    name: str, shape: Sequence[int], *, spectral: bool = True, gamma_init: float = 1.0, use_bias: bool = False
+):
+    """``γ·δW`` (and ``γ·δb`` with ``use_bias``) from a :class:`WeightBranch` of ``shape`` wrapped in
+    :class:`SymmetryBreaking` named ``name``; call it inside a compact module, which then holds
+    ``<name>/branch/kernel`` (params) and ``<name>/gamma`` (collection ``gamma``). The caller adds
+    the result to the weight of the layer it perturbs."""
+    return SymmetryBreaking(WeightBranch(shape, spectral, use_bias, parent=None), gamma_init, name=name)()
+
+
 def summed_affine_branch(branch: Callable, total: jax.Array, count) -> jax.Array:
     """``Σ_j g(m_j)`` over ``count`` inputs whose sum is ``total``, for an AFFINE branch g.
 

@@ -32,10 +32,13 @@ correction = full − projection, sum = full output, target), ``trajectories_<ta
 Settings (the ``Preset`` fields; chosen on square → rectangle / square → square runs of the
 quick budget, then used unchanged for every task):
 
-- branches: 1×1 spectral-normalised convs on unit-norm pixel vectors (``C4CNN`` docstring),
-  so |γ_i| bounds the breaking of layer i; with unbounded branches the network kept a large
-  correction while γ → 0 by inflating the features the branches read (the cheaper tanh /
-  shared-orientation branches did the same on square → square, see ``C4CNN``);
+- branches: 1×1 spectral-normalised affine convs of each layer's input, folded into the
+  layer's conv (``branch_in_kernel``, ``C4CNN`` docstring), so the breaking of layer i is at
+  most |γ_i| times its input per pixel; ``--branch normalize`` (unit-norm input pixels,
+  post-activation) and ``--branch tanh-shared`` select the earlier forms. Branches added after
+  the activation without a bound let the network keep a large correction while γ → 0 by
+  inflating the features they read (the tanh / shared-orientation form did the same on
+  square → square, see ``C4CNN``);
 - α = 0.1: the loss is a per-pixel MSE of order 1e-2, so α = 1 priced any useful γ above
   the loss it could save; u starts at |γ_0| = 1 (a feasible start, no early λ spike) and the
   slacks move fast (η_u = 0.2, so u tracks λ/α within ~1/(η_u α) = 50 steps);

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ace_jax import SymmetryBreaking, WeightBranch, spectral_norm
+from ace_jax import SymmetryBreaking, spectral_norm, weight_breaking
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -307,8 +307,9 @@ class C4CNN(nn.Module):
 
         def perturbation(name, in_features, features, size=kb):
             """(γ·δψ (size, size, in, out), γ·δb): the layer's folded branch (ace_jax.WeightBranch)."""
-            branch = WeightBranch((size * size * in_features, features), self.spectral, use_bias=True, parent=None)
-            delta, delta_bias = SymmetryBreaking(branch, self.gamma_init, name=name)()
+            delta, delta_bias = weight_breaking(
+                name, (size * size * in_features, features), spectral=self.spectral, gamma_init=self.gamma_init, use_bias=True
+            )
             return delta.reshape(size, size, in_features, features), delta_bias
 
         if project:

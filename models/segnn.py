@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import AxisMixBranch, MLPBranch, SymmetryBreaking, WeightBranch, summed_affine_branch
+from ace_jax import AxisMixBranch, MLPBranch, SymmetryBreaking, summed_affine_branch, weight_breaking
 
 BRANCH_KINDS = ("dense", "axis", "in_kernel")
 
@@ -344,13 +344,12 @@ class SEGNNLayer(nn.Module):
         separate = not project and not folded  # a branch applied to the block output
         per_edge_branch = len(tuple(self.branch_hidden)) > 0
 
-        def weight_breaking(name):  # γ·δ (3, n_v, n_v), folded into the block's last product
-            branch = WeightBranch((3, self.n_v, self.n_v), self.spectral_branch, parent=None)
-            return SymmetryBreaking(branch, self.gamma_init, name=name)()
+        def folded_breaking(name):  # γ·δ (3, n_v, n_v), folded into the block's last product
+            return weight_breaking(name, (3, self.n_v, self.n_v), spectral=self.spectral_branch, gamma_init=self.gamma_init)
 
         m_s, m_v = PairSteerableLinear(self.n_s, self.n_v, name="message_1")(s, v, edge_scalars, edge_a0, edge_a1)
         m_s, m_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="message_2")(
-            m_s, m_v, edge_a0, edge_a1, weight_breaking("message_breaking") if folded else None
+            m_s, m_v, edge_a0, edge_a1, folded_breaking("message_breaking") if folded else None
         )
         if separate and per_edge_branch:
             flat = flatten_steerable(m_s, m_v)
@@ -367,7 +366,7 @@ class SEGNNLayer(nn.Module):
         u_s, u_v = jnp.concatenate([s, agg_s], axis=-1), jnp.concatenate([v, agg_v], axis=-1)
         u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="update_1")(u_s, u_v, node_a0, node_a1)
         u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=False, name="update_2")(
-            u_s, u_v, node_a0, node_a1, weight_breaking("update_breaking") if folded else None
+            u_s, u_v, node_a0, node_a1, folded_breaking("update_breaking") if folded else None
         )
         if separate and axis:
             u_v = u_v + self._breaking("update_breaking")(u_v)

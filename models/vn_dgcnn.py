@@ -90,7 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import GAMMA, AxisMixBranch, MLPBranch, SymmetryBreaking, WeightBranch, named_leaves
+from ace_jax import GAMMA, AxisMixBranch, MLPBranch, SymmetryBreaking, named_leaves, weight_breaking
 
 EPS = 1e-6
 """ε of the VN nonlinearity and norms (as in the public Vector Neurons code)."""
@@ -250,15 +250,14 @@ def breaking_map(kind: str, channels: int, hidden: Sequence[int], spectral: bool
     if kind == "dense":
         return VectorBranch(channels, hidden=tuple(hidden), spectral=spectral, parent=None)
     if kind == "in_kernel":
-        raise ValueError("in_kernel branches are folded into VNLinear (see weight_breaking), not applied as a map")
+        raise ValueError("in_kernel branches are folded into VNLinear (see axis_weight_breaking), not applied as a map")
     raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {kind!r}")
 
 
-def weight_breaking(name: str, fan_in: int, fan_out: int, spectral: bool, gamma_init: float) -> jax.Array:
+def axis_weight_breaking(name: str, fan_in: int, fan_out: int, spectral: bool, gamma_init: float) -> jax.Array:
     """γ·δW ``(3, fan_in, fan_out)`` for :class:`VNLinear`'s ``perturbation`` (``branch_kind="in_kernel"``):
-    one spectral-normalised channel-mixing matrix per xyz axis (:class:`ace_jax.WeightBranch`)."""
-    branch = WeightBranch((3, fan_in, fan_out), spectral, parent=None)
-    return SymmetryBreaking(branch, gamma_init=gamma_init, name=name)()
+    one spectral-normalised channel-mixing matrix per xyz axis (:func:`ace_jax.weight_breaking`)."""
+    return weight_breaking(name, (3, fan_in, fan_out), spectral=spectral, gamma_init=gamma_init)
 
 
 class VNLinearLeakyReLU(nn.Module):
@@ -270,7 +269,7 @@ class VNLinearLeakyReLU(nn.Module):
       negative_slope: α of the leaky nonlinearity (0.2 in the paper).
       shared_direction: one direction channel for all features (the paper's conv5).
       use_norm: apply :class:`VNNorm` to q.
-      branch_kind: ``"in_kernel"`` (default, :func:`weight_breaking` folded into each VNLinear),
+      branch_kind: ``"in_kernel"`` (default, :func:`axis_weight_breaking` folded into each VNLinear),
         ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the path's output) or ``"dense"``
         (:class:`VectorBranch` on the block input); see :func:`breaking_map`.
       branch_hidden / spectral_branch: hidden sizes of dense branches / normalised branches.
@@ -304,7 +303,7 @@ class VNLinearLeakyReLU(nn.Module):
 
         def path(name: str, channels: int, breaking: str) -> jax.Array:
             if folded:
-                delta = weight_breaking(breaking, x.shape[-2], channels, self.spectral_branch, self.gamma_init)
+                delta = axis_weight_breaking(breaking, x.shape[-2], channels, self.spectral_branch, self.gamma_init)
                 return VNLinear(channels, name=name)(x, delta)
             out = VNLinear(channels, name=name)(x)
             return out if project else self._corrected(out, x, breaking)
@@ -337,12 +336,10 @@ class VNInvariant(nn.Module):
                      spectral_branch=self.spectral_branch, gamma_init=self.gamma_init, branch_kind=self.branch_kind)
         z = VNLinearLeakyReLU(max(channels // 2, 1), name="frame1", **block)(x, project)
         z = VNLinearLeakyReLU(max(channels // 4, 1), name="frame2", **block)(z, project)
-        if self.branch_kind == "in_kernel" and not project:
-            delta = weight_breaking("frame_breaking", z.shape[-2], 3, self.spectral_branch, self.gamma_init)
-            frame = VNLinear(3, name="frame")(z, delta)
-        else:
-            frame = VNLinear(3, name="frame")(z)
-        if not project and self.branch_kind != "in_kernel":
+        folded = self.branch_kind == "in_kernel" and not project
+        delta = axis_weight_breaking("frame_breaking", z.shape[-2], 3, self.spectral_branch, self.gamma_init) if folded else None
+        frame = VNLinear(3, name="frame")(z, delta)
+        if not project and not folded:
             branch = breaking_map(self.branch_kind, 3, self.branch_hidden, self.spectral_branch)
             source = frame if self.branch_kind == "axis" else z
             frame = frame + SymmetryBreaking(branch, gamma_init=self.gamma_init, name="frame_breaking")(source)
