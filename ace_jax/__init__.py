@@ -31,6 +31,7 @@ from ace_jax.homotopic import (
     named_leaves,
     projected_variables,
     spectral_norm,
+    spectral_normalize,
     summed_affine_branch,
     weight_breaking,
 )

@@ -104,6 +104,16 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
     return u @ kernel @ jax.lax.stop_gradient(v)
 
 
+def spectral_normalize(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
+    """``W / σ_max(W)`` for every ``(fan_in, fan_out)`` matrix of a ``(*blocks, fan_in, fan_out)``
+    stack (each block by its own :func:`spectral_norm`; σ floored at 1e-12), so ‖x W_b‖ ≤ ‖x‖."""
+    if kernel.ndim < 2:
+        raise ValueError(f"spectral_normalize expects (*blocks, fan_in, fan_out), got shape {kernel.shape}")
+    blocks = kernel.reshape((-1,) + kernel.shape[-2:])
+    sigma = jax.vmap(lambda w: spectral_norm(w, num_iterations))(blocks)
+    return kernel / jnp.maximum(sigma, 1e-12).reshape(kernel.shape[:-2] + (1, 1))
+
+
 class SpectralDense(nn.Module):
     """Dense layer ``x W / σ_max(W) + b``: its Lipschitz constant is (close to) 1.
 
@@ -119,7 +129,7 @@ class SpectralDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        kernel = kernel / jnp.maximum(spectral_norm(kernel, self.num_iterations), 1e-12)
+        kernel = spectral_normalize(kernel, self.num_iterations)
         y = x @ kernel.astype(x.dtype)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
@@ -226,9 +236,7 @@ class WeightBranch(nn.Module):
             raise ValueError(f"WeightBranch shape must be (*blocks, fan_in, fan_out) with positive sizes, got {shape}")
         kernel = self.param("kernel", self.kernel_init, shape)
         if self.spectral:
-            blocks = kernel.reshape((-1,) + shape[-2:])
-            sigma = jax.vmap(spectral_norm)(blocks).reshape(shape[:-2] + (1, 1))
-            kernel = kernel / jnp.maximum(sigma, 1e-12)
+            kernel = spectral_normalize(kernel)
         if not self.use_bias:
             return kernel
         return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:])

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ace_jax import SymmetryBreaking, spectral_norm, weight_breaking
+from ace_jax import SymmetryBreaking, spectral_normalize, weight_breaking
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -197,8 +197,7 @@ class ConvBranch(nn.Module):
             x = x * lax.rsqrt(jnp.sum(x**2, axis=-1, keepdims=True) + self.epsilon)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         if self.spectral:
-            sigma = spectral_norm(kernel.reshape(-1, self.features))
-            kernel = kernel / jnp.maximum(sigma, 1e-12)
+            kernel = spectral_normalize(kernel.reshape(-1, self.features)).reshape(kernel.shape)
         # A 1×1 convolution is a matrix product over channels; XLA's CPU conv path is far
         # slower for it than a plain dot.
         y = x @ kernel[0, 0].astype(x.dtype) if k == 1 else _conv(x, kernel)

@@ -51,10 +51,10 @@ the axis branch is bound by memory passes and the reduction for ∂L/∂A_c, not
 matrix per xyz component, out_v[k] = v[k] (W_vv + γ δ_k) (+ the attribute paths), i.e. the
 branch g(x)_k = x_k δ_k reads the block's input (METHOD.md §1's f_eq(x) + γ g(x)) and costs
 no extra pass: measured 1.00× the vanilla step (vanilla 33.0 ms, ACE 32.9 ms, resilient
-34.4 ms; ``python -m experiments.benchmark --models segnn_in_kernel --steps 100``, quiet 2-core
-CPU). Quick N-body study (3 seeds, plain ascent): ACE projection 0.0351 ± 0.0075 against
-0.0273 ± 0.0030 with the dense branch (vanilla 0.0231 ± 0.0032); not yet run at paper length,
-so the default stays dense.
+34.4 ms; ``python -m experiments.benchmark --models segnn --steps 100``, quiet 2-core CPU). At the paper's N-body settings (fan_in weights, Adam dual, one seed each) the ACE
+projection's test MSE is 0.0045 with in-kernel branches and 0.00442 with dense ones (vanilla
+0.0047); quick preset 0.0113 vs 0.0124 (vanilla 0.00858). ``experiments.nbody`` therefore uses
+``"in_kernel"``; this class's default stays the paper's ``"dense"``.
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N
@@ -63,6 +63,16 @@ layer is linear in [h_i, h_j, edge scalars], so its weight products run once per
 only the attribute products run per edge. Each layer does one matmul for the scalar-input
 paths and one for the vector-input path, with the constant Y0 and the normalisation folded
 into the weights.
+
+Parameterisation (``parameterization``, default ``"fan_in"``). The steerable weights are stored
+as in the reference SEGNN, which initialises its e3nn-torch products like ``torch.nn.Linear``:
+W ~ U(−1/√n, 1/√n) used as is, biases drawn the same way. e3nn-jax's own convention
+(``"normal"``: W ~ N(0, 1) used as W/√n, zero biases) spans the same functions with outputs of
+the same order at init, but Adam moves every stored weight by about the learning rate per
+step, so at the paper's learning rate its layers learn √n (≈ 8–11) times more slowly. At the
+paper's N-body settings (Adam 9e-4, 3000 trajectories) that made vanilla SEGNN train ten
+times slower (validation MSE 0.0100 after 200 epochs, best 0.0065 at epoch ~800, test
+0.00609) than the reference-style weights (0.0055 after 200 epochs, best 0.0052 at epoch 159).
 
 Harmonics use e3nn's "integral" normalisation, as the SEGNN paper does; with "component"
 normalisation (‖Y‖ ≈ 2) the residual stream of this network grows ~10⁴-fold at init.
@@ -185,7 +195,9 @@ def _check_a0(a0) -> float:
     return float(a0)
 
 
-def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=None, vv_perturbation=None) -> Steerable:
+def steerable_tensor_product(
+    s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=None, vv_perturbation=None, scale: float | None = None
+) -> Steerable:
     """The steerable linear map of the module docstring.
 
     Args:
@@ -193,13 +205,16 @@ def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=N
       w_ss (n_s, S), w_vs (n_v, S), w_sv (n_s, V), w_vv (n_v, V); bias (S,) or None.
       vv_perturbation: None or δ (3, n_v, V): adds Σ_c v_{k c} δ_{k c d} to out_v[..., k, d], a
         component-dependent (rotation-breaking) map folded into the vector→vector product.
+      scale: the factor multiplying every weight; None = 1/√n (n = n_s + n_v, the "normal"
+        parameterisation), 1.0 for the "fan_in" one (see :func:`weight_scale`).
     Returns: (out_s (..., S), out_v (..., 3, V)).
 
-    The scalar-input paths are one matmul: [s, v·a1] @ [[a0 W_ss, W_sv], [W_vs/√3, 0]] / √n.
+    The scalar-input paths are one matmul: [s, v·a1] @ [[a0 W_ss, W_sv], [W_vs/√3, 0]] · scale.
     """
     a0 = _check_a0(a0)
     n_s_out, n_v_out = w_ss.shape[-1], w_sv.shape[-1]
-    scale = 1.0 / math.sqrt(s.shape[-1] + v.shape[-1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(s.shape[-1] + v.shape[-1])
     v_dot_a = jnp.sum(v * a1[..., :, None], axis=-2)  # (..., n_v)
     weight = jnp.concatenate(
         [
@@ -223,17 +238,51 @@ def steerable_tensor_product(s, v, a0: float, a1, w_ss, w_vs, w_sv, w_vv, bias=N
     return out_s, out_v
 
 
-def _weights(module: nn.Module, n_s_in: int, n_v_in: int, n_s_out: int, n_v_out: int):
-    """W_ss, W_vs, W_sv, W_vv ~ N(0, 1) and the scalar bias (zeros; None without scalar outputs)."""
-    normal = nn.initializers.normal(1.0)
+PARAMETERIZATIONS = ("normal", "fan_in")
+
+
+def _check_parameterization(parameterization: str) -> None:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+def weight_scale(parameterization: str, fan_in: int) -> float:
+    """The factor a layer multiplies its stored weights by (n = fan_in input channels).
+
+    "normal" (e3nn-jax): stored W ~ N(0, 1), used as W/√n. "fan_in" (torch.nn.Linear style, as
+    the reference SEGNN initialises its e3nn-torch products): stored W ~ U(−1/√n, 1/√n), used
+    as is. The two give outputs of the same order at init, but Adam moves every stored weight
+    by about the learning rate per step, so at equal learning rate the "fan_in" layers change
+    √n times faster relative to their size (√130 ≈ 11 for the message layer).
+    """
+    _check_parameterization(parameterization)
+    return 1.0 / math.sqrt(fan_in) if parameterization == "normal" else 1.0
+
+
+def _weights(module: nn.Module, n_s_in: int, n_v_in: int, n_s_out: int, n_v_out: int, parameterization: str = "fan_in"):
+    """W_ss, W_vs, W_sv, W_vv and the scalar bias (None without scalar outputs).
+
+    "normal": weights ~ N(0, 1), bias zeros; "fan_in": weights and bias ~ U(−k, k) with
+    k = 1/√(n_s_in + n_v_in) (:func:`weight_scale`).
+    """
+    _check_parameterization(parameterization)
+    if parameterization == "normal":
+        init, bias_init = nn.initializers.normal(1.0), nn.initializers.zeros
+    else:
+        k = 1.0 / math.sqrt(n_s_in + n_v_in)
+
+        def init(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -k, k)
+
+        bias_init = init
     if n_s_out > 0:
-        w_ss = module.param("w_ss", normal, (n_s_in, n_s_out))
-        w_vs = module.param("w_vs", normal, (n_v_in, n_s_out))
+        w_ss = module.param("w_ss", init, (n_s_in, n_s_out))
+        w_vs = module.param("w_vs", init, (n_v_in, n_s_out))
     else:  # no scalar outputs (the output head): no zero-size parameters
         w_ss, w_vs = jnp.zeros((n_s_in, 0)), jnp.zeros((n_v_in, 0))
-    w_sv = module.param("w_sv", normal, (n_s_in, n_v_out))
-    w_vv = module.param("w_vv", normal, (n_v_in, n_v_out))
-    bias = module.param("bias", nn.initializers.zeros, (n_s_out,)) if n_s_out > 0 else None
+    w_sv = module.param("w_sv", init, (n_s_in, n_v_out))
+    w_vv = module.param("w_vv", init, (n_v_in, n_v_out))
+    bias = module.param("bias", bias_init, (n_s_out,)) if n_s_out > 0 else None
     return w_ss, w_vs, w_sv, w_vv, bias
 
 
@@ -241,6 +290,7 @@ class SteerableLinear(nn.Module):
     """Steerable layer ``(n_s x 0e + n_v x 1o) ⊗ (1x0e + 1x1o) -> scalars x 0e + vectors x 1o``.
 
     ``gated=True`` computes ``scalars + vectors`` scalars and applies :func:`gate`.
+    ``parameterization``: "normal" or "fan_in" (:func:`weight_scale`).
     Call: ``(s (..., n_s), v (..., 3, n_v), a0 float, a1 (..., 3), vv_perturbation=None) -> (s', v')``
     (``vv_perturbation``: see :func:`steerable_tensor_product`).
     """
@@ -248,12 +298,14 @@ class SteerableLinear(nn.Module):
     scalars: int
     vectors: int
     gated: bool = False
+    parameterization: str = "fan_in"
 
     @nn.compact
     def __call__(self, s: jax.Array, v: jax.Array, a0: float, a1: jax.Array, vv_perturbation=None) -> Steerable:
         n_s_out = self.scalars + (self.vectors if self.gated else 0)
-        weights = _weights(self, s.shape[-1], v.shape[-1], n_s_out, self.vectors)
-        out_s, out_v = steerable_tensor_product(s, v, a0, a1, *weights, vv_perturbation=vv_perturbation)
+        weights = _weights(self, s.shape[-1], v.shape[-1], n_s_out, self.vectors, self.parameterization)
+        scale = weight_scale(self.parameterization, s.shape[-1] + v.shape[-1])
+        out_s, out_v = steerable_tensor_product(s, v, a0, a1, *weights, vv_perturbation=vv_perturbation, scale=scale)
         return gate(out_s, out_v) if self.gated else (out_s, out_v)
 
 
@@ -274,6 +326,7 @@ class PairSteerableLinear(nn.Module):
 
     scalars: int
     vectors: int
+    parameterization: str = "fan_in"
 
     @nn.compact
     def __call__(self, s, v, edge_scalars, a0: float, a1) -> Steerable:
@@ -282,8 +335,8 @@ class PairSteerableLinear(nn.Module):
         n_e = edge_scalars.shape[-1]
         n_s_out, n_v_out = self.scalars + self.vectors, self.vectors
         width = n_s_out + n_v_out
-        w_ss, w_vs, w_sv, w_vv, bias = _weights(self, 2 * n_s + n_e, 2 * n_v, n_s_out, n_v_out)
-        scale = 1.0 / math.sqrt(2 * n_s + n_e + 2 * n_v)
+        w_ss, w_vs, w_sv, w_vv, bias = _weights(self, 2 * n_s + n_e, 2 * n_v, n_s_out, n_v_out, self.parameterization)
+        scale = weight_scale(self.parameterization, 2 * n_s + n_e + 2 * n_v)
         recv, send = slice(0, n_s), slice(n_s, 2 * n_s)
         node_s = s @ (
             jnp.concatenate([w_ss[recv] * a0, w_sv[recv], w_ss[send] * a0, w_sv[send]], axis=-1) * scale
@@ -320,6 +373,7 @@ class SEGNNLayer(nn.Module):
     branch_hidden: Sequence[int] = ()
     gamma_init: float = 1.0
     branch_kind: str = "dense"
+    parameterization: str = "fan_in"
 
     def _breaking(self, name: str) -> SymmetryBreaking:
         if self.branch_kind == "axis":
@@ -347,8 +401,12 @@ class SEGNNLayer(nn.Module):
         def folded_breaking(name):  # γ·δ (3, n_v, n_v), folded into the block's last product
             return weight_breaking(name, (3, self.n_v, self.n_v), spectral=self.spectral_branch, gamma_init=self.gamma_init)
 
-        m_s, m_v = PairSteerableLinear(self.n_s, self.n_v, name="message_1")(s, v, edge_scalars, edge_a0, edge_a1)
-        m_s, m_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="message_2")(
+        def linear(name, gated):
+            return SteerableLinear(self.n_s, self.n_v, gated=gated, parameterization=self.parameterization, name=name)
+
+        pair = PairSteerableLinear(self.n_s, self.n_v, self.parameterization, name="message_1")
+        m_s, m_v = pair(s, v, edge_scalars, edge_a0, edge_a1)
+        m_s, m_v = linear("message_2", gated=True)(
             m_s, m_v, edge_a0, edge_a1, folded_breaking("message_breaking") if folded else None
         )
         if separate and per_edge_branch:
@@ -364,8 +422,8 @@ class SEGNNLayer(nn.Module):
             agg_s, agg_v = unflatten_steerable(flat, self.n_s, self.n_v)
 
         u_s, u_v = jnp.concatenate([s, agg_s], axis=-1), jnp.concatenate([v, agg_v], axis=-1)
-        u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=True, name="update_1")(u_s, u_v, node_a0, node_a1)
-        u_s, u_v = SteerableLinear(self.n_s, self.n_v, gated=False, name="update_2")(
+        u_s, u_v = linear("update_1", gated=True)(u_s, u_v, node_a0, node_a1)
+        u_s, u_v = linear("update_2", gated=False)(
             u_s, u_v, node_a0, node_a1, folded_breaking("update_breaking") if folded else None
         )
         if separate and axis:
@@ -389,6 +447,9 @@ class SEGNN(nn.Module):
         ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the block's vector channels only: a
         learned 3×3 per channel, 9 multiply-adds per channel instead of a 128×128 Dense) or
         ``"in_kernel"`` (per-component vector weights folded into the block's last product).
+      parameterization: ``"normal"`` (e3nn-jax: W ~ N(0, 1) used as W/√n) or ``"fan_in"``
+        (the reference SEGNN's torch.nn.Linear-style W ~ U(±1/√n) used as is); same function
+        class, different Adam dynamics (:func:`weight_scale`).
 
     Call: ``model.apply(variables, loc (N, 3), vel (N, 3), charges (N, 1), project=False)``
     -> predicted positions (N, 3) = loc + predicted displacement. ``project=True`` is the
@@ -401,6 +462,7 @@ class SEGNN(nn.Module):
     gamma_init: float = 1.0
     branch_hidden: Sequence[int] = ()
     branch_kind: str = "dense"
+    parameterization: str = "fan_in"
 
     @nn.compact
     def __call__(self, loc: jax.Array, vel: jax.Array, charges: jax.Array, project: bool = False) -> jax.Array:
@@ -430,16 +492,19 @@ class SEGNN(nn.Module):
 
         centred = loc - loc.mean(axis=0, keepdims=True)
         speed = jnp.sqrt(jnp.sum(vel**2, axis=-1, keepdims=True))  # (N, 1)
-        h = SteerableLinear(n_s, n_v, name="embedding")(speed, jnp.stack([centred, vel], axis=-1), node_a0, node_a1)
+        p = self.parameterization
+        h = SteerableLinear(n_s, n_v, parameterization=p, name="embedding")(
+            speed, jnp.stack([centred, vel], axis=-1), node_a0, node_a1
+        )
 
         for layer in range(self.num_layers):
             h = SEGNNLayer(
                 n_s, n_v, self.spectral_branch, tuple(self.branch_hidden), self.gamma_init, self.branch_kind,
-                name=f"layer_{layer}",
+                p, name=f"layer_{layer}",
             )(h, edge_scalars, edge_a0, edge_a1, node_a0, node_a1, project)
 
-        s, v = SteerableLinear(n_s, n_v, gated=True, name="head_1")(*h, node_a0, node_a1)
-        _, displacement = SteerableLinear(0, 1, gated=False, name="head_2")(s, v, node_a0, node_a1)
+        s, v = SteerableLinear(n_s, n_v, gated=True, parameterization=p, name="head_1")(*h, node_a0, node_a1)
+        _, displacement = SteerableLinear(0, 1, gated=False, parameterization=p, name="head_2")(s, v, node_a0, node_a1)
         return loc + displacement[..., 0]
 
 

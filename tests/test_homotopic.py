@@ -16,6 +16,7 @@ from ace_jax import (
     named_leaves,
     projected_variables,
     spectral_norm,
+    spectral_normalize,
     summed_affine_branch,
 )
 
@@ -90,6 +91,16 @@ def test_spectral_norm_matches_svd():
     np.testing.assert_allclose(spectral_norm(w, 50), sigma, rtol=1e-4)
     with pytest.raises(ValueError, match="2-D"):
         spectral_norm(jnp.ones((2, 2, 2)))
+
+
+def test_spectral_normalize_scales_every_block_to_unit_norm():
+    stack = np.random.default_rng(4).standard_normal((2, 3, 6, 5)).astype(np.float32)
+    out = np.asarray(spectral_normalize(jnp.asarray(stack), 50))
+    for block, normalised in zip(stack.reshape(-1, 6, 5), out.reshape(-1, 6, 5)):
+        sigma = np.linalg.svd(block, compute_uv=False)[0]
+        np.testing.assert_allclose(normalised, block / sigma, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="fan_in, fan_out"):
+        spectral_normalize(jnp.ones(3))
 
 
 def test_spectral_dense_is_1_lipschitz():

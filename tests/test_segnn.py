@@ -63,10 +63,25 @@ def max_equivariance_error(f, x, elements):
     return worst
 
 
+def _to_fan_in(params):
+    """Rewrite "normal" SEGNN parameters as "fan_in" ones for the same function: every steerable
+    weight W becomes W/√n (n = the module's input channels, rows of w_sv + rows of w_vv)."""
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        if "w_vv" in tree:
+            scale = 1.0 / math.sqrt(tree["w_sv"].shape[0] + tree["w_vv"].shape[0])
+            return {k: (v * scale if k.startswith("w_") else v) for k, v in tree.items()}
+        return {k: convert(v) for k, v in tree.items()}
+
+    return convert(params)
+
+
 def random_variables(module, *inputs, seed=0, gamma=0.7, project=False):
     """Variables with the structure ``module.init`` would give, filled from numpy (no XLA
     compilation of the initialisers, which would dominate the test time): steerable weights
-    ~ N(0, 1), biases ~ 0.1 N(0, 1), branch kernels ~ N(0, 1/fan_in), every γ = ``gamma``."""
+    ~ N(0, 1) (divided by √n for a "fan_in" module, the same function), biases ~ 0.1 N(0, 1),
+    branch kernels ~ N(0, 1/fan_in), every γ = ``gamma``."""
     kwargs = {"project": project} if isinstance(module, SEGNN) else {}
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
     rng = np.random.default_rng(seed)
@@ -82,7 +97,10 @@ def random_variables(module, *inputs, seed=0, gamma=0.7, project=False):
             values *= 0.1
         return jnp.asarray(values)
 
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    if getattr(module, "parameterization", "normal") == "fan_in":
+        variables = dict(variables, params=_to_fan_in(variables["params"]))
+    return variables
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,7 +222,7 @@ def test_steerable_linear_matches_e3nn_tensor_product(gated):
     n_s, n_v, rows = 5, 4, 7
     s, v = jnp.asarray(normal(0, (rows, n_s))), jnp.asarray(normal(1, (rows, 3, n_v)))
     a0, a1 = segnn.spherical_harmonics(normal(2, (rows, 3)))
-    layer = SteerableLinear(6, 3, gated=gated)
+    layer = SteerableLinear(6, 3, gated=gated, parameterization="normal")  # e3nn's element normalisation
     params = random_variables(layer, s, v, a0, a1, seed=int(gated))["params"]
     ours_s, ours_v = jax.jit(lambda p: layer.apply({"params": p}, s, v, a0, a1))(params)
 
@@ -263,7 +281,7 @@ def test_model_matches_e3nn_gather_scatter_reference():
     """Projection, full model with the default affine branch (computed through the
     aggregation identity) and with an MLP branch (per edge), against the e3nn-jax reference
     that applies every branch per edge and aggregates with segment_sum."""
-    config = dict(hidden_irreps="4x0e+4x1o", num_layers=1)
+    config = dict(hidden_irreps="4x0e+4x1o", num_layers=1, parameterization="normal")  # e3nn's normalisation
     loc, vel, charges = map(jnp.asarray, nbody_graph(3))
     affine, mlp = SEGNN(**config), SEGNN(**config, branch_hidden=(6,))
     v_affine = random_variables(affine, loc, vel, charges, seed=4)
@@ -420,6 +438,36 @@ def expected_parameter_count(n_s, n_v, num_layers, with_branches):
     width = n_s + 3 * n_v
     branches = 2 * (width * width + width) if with_branches else 0
     return layer(1, 2, n_s, n_v) + num_layers * (per_layer + branches) + layer(n_s, n_v, *gated) + layer(n_s, n_v, 0, 1)
+
+
+@pytest.mark.parametrize("branch_kind", ["dense", "in_kernel"])
+def test_fan_in_parameterization_is_the_same_function_class(branch_kind):
+    """A "fan_in" SEGNN with weights W/√n computes exactly what the "normal" one with W does
+    (projection and full model), so the option changes only the training dynamics; its
+    initial weights lie in ±1/√n and its biases are drawn too."""
+    loc, vel, charges = map(jnp.asarray, nbody_graph(21))
+    normal_model = SEGNN(**SMALL, branch_kind=branch_kind, parameterization="normal")
+    fan_in_model = SEGNN(**SMALL, branch_kind=branch_kind)  # the default
+    variables = random_variables(normal_model, loc, vel, charges, seed=22)
+    converted = dict(variables, params=_to_fan_in(variables["params"]))
+
+    @jax.jit
+    def outputs(v_normal, v_fan_in):
+        return [(normal_model.apply(v_normal, loc, vel, charges, project=p),
+                 fan_in_model.apply(v_fan_in, loc, vel, charges, project=p)) for p in (True, False)]
+
+    for ours, theirs in outputs(variables, converted):
+        assert float(jnp.max(jnp.abs(ours - loc))) > 1e-3
+        np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+
+    init = fan_in_model.init(jax.random.PRNGKey(1), loc, vel, charges, project=True)["params"]
+    layer = init["layer_0"]["update_1"]
+    bound = 1.0 / math.sqrt(layer["w_sv"].shape[0] + layer["w_vv"].shape[0])
+    assert float(jnp.max(jnp.abs(layer["w_ss"]))) <= bound
+    assert float(jnp.max(jnp.abs(layer["w_ss"]))) > 0.8 * bound  # uniform over the whole interval
+    assert float(jnp.max(jnp.abs(layer["bias"]))) > 0.0
+    with pytest.raises(ValueError, match="parameterization"):
+        SEGNN(**SMALL, parameterization="xavier").init(jax.random.PRNGKey(0), loc, vel, charges)
 
 
 def test_parameter_count_default_model():
