@@ -50,10 +50,12 @@ the axis branch is bound by memory passes and the reduction for ∂L/∂A_c, not
 (:class:`ace_jax.WeightBranch`): the vector→vector weight of message_2 / update_2 becomes one
 matrix per xyz component, out_v[k] = v[k] (W_vv + γ δ_k) (+ the attribute paths), i.e. the
 branch g(x)_k = x_k δ_k reads the block's input (METHOD.md §1's f_eq(x) + γ g(x)) and costs
-no extra pass: measured 1.00× the vanilla step (vanilla 33.0 ms, ACE 32.9 ms, resilient
-34.4 ms; ``python -m experiments.benchmark --models segnn --steps 100``, quiet 2-core CPU). At the paper's N-body settings (fan_in weights, Adam dual, one seed each) the ACE
-projection's test MSE is 0.0045 with in-kernel branches and 0.00442 with dense ones (vanilla
-0.0047); quick preset 0.0113 vs 0.0124 (vanilla 0.00858). ``experiments.nbody`` therefore uses
+no extra pass: measured 1.00× the vanilla step in session 3 (vanilla 33.0 ms, ACE 32.9 ms,
+resilient 34.4 ms) and 1.08× in session 4 (37.0 vs 39.9 ms; dense 1.22×), ``python -m
+experiments.benchmark --models segnn,segnn_dense --steps 100``, quiet 2-core CPU. At the
+paper's N-body settings (fan_in weights, Adam dual, one seed each) the ACE projection's test
+MSE is 0.0045 with in-kernel branches and 0.00442 with dense ones (vanilla 0.0047 / 0.0044,
+two seeds); quick preset 0.0113 vs 0.0124 (vanilla 0.00858). ``experiments.nbody`` therefore uses
 ``"in_kernel"``; this class's default stays the paper's ``"dense"``.
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
@@ -259,17 +261,19 @@ def weight_scale(parameterization: str, fan_in: int) -> float:
     return 1.0 / math.sqrt(fan_in) if parameterization == "normal" else 1.0
 
 
-def _weights(module: nn.Module, n_s_in: int, n_v_in: int, n_s_out: int, n_v_out: int, parameterization: str = "fan_in"):
-    """W_ss, W_vs, W_sv, W_vv and the scalar bias (None without scalar outputs).
+def _weights(module: nn.Module, n_s_in: int, n_v_in: int, n_s_out: int, n_v_out: int, parameterization: str):
+    """W_ss, W_vs, W_sv, W_vv, the scalar bias (None without scalar outputs) and the factor the
+    layer multiplies the weights by (:func:`weight_scale` of n = n_s_in + n_v_in).
 
     "normal": weights ~ N(0, 1), bias zeros; "fan_in": weights and bias ~ U(−k, k) with
-    k = 1/√(n_s_in + n_v_in) (:func:`weight_scale`).
+    k = 1/√n.
     """
-    _check_parameterization(parameterization)
+    fan_in = n_s_in + n_v_in
+    scale = weight_scale(parameterization, fan_in)
     if parameterization == "normal":
         init, bias_init = nn.initializers.normal(1.0), nn.initializers.zeros
     else:
-        k = 1.0 / math.sqrt(n_s_in + n_v_in)
+        k = 1.0 / math.sqrt(fan_in)
 
         def init(key, shape, dtype=jnp.float32):
             return jax.random.uniform(key, shape, dtype, -k, k)
@@ -283,7 +287,7 @@ def _weights(module: nn.Module, n_s_in: int, n_v_in: int, n_s_out: int, n_v_out:
     w_sv = module.param("w_sv", init, (n_s_in, n_v_out))
     w_vv = module.param("w_vv", init, (n_v_in, n_v_out))
     bias = module.param("bias", bias_init, (n_s_out,)) if n_s_out > 0 else None
-    return w_ss, w_vs, w_sv, w_vv, bias
+    return w_ss, w_vs, w_sv, w_vv, bias, scale
 
 
 class SteerableLinear(nn.Module):
@@ -303,8 +307,7 @@ class SteerableLinear(nn.Module):
     @nn.compact
     def __call__(self, s: jax.Array, v: jax.Array, a0: float, a1: jax.Array, vv_perturbation=None) -> Steerable:
         n_s_out = self.scalars + (self.vectors if self.gated else 0)
-        weights = _weights(self, s.shape[-1], v.shape[-1], n_s_out, self.vectors, self.parameterization)
-        scale = weight_scale(self.parameterization, s.shape[-1] + v.shape[-1])
+        *weights, scale = _weights(self, s.shape[-1], v.shape[-1], n_s_out, self.vectors, self.parameterization)
         out_s, out_v = steerable_tensor_product(s, v, a0, a1, *weights, vv_perturbation=vv_perturbation, scale=scale)
         return gate(out_s, out_v) if self.gated else (out_s, out_v)
 
@@ -335,8 +338,9 @@ class PairSteerableLinear(nn.Module):
         n_e = edge_scalars.shape[-1]
         n_s_out, n_v_out = self.scalars + self.vectors, self.vectors
         width = n_s_out + n_v_out
-        w_ss, w_vs, w_sv, w_vv, bias = _weights(self, 2 * n_s + n_e, 2 * n_v, n_s_out, n_v_out, self.parameterization)
-        scale = weight_scale(self.parameterization, 2 * n_s + n_e + 2 * n_v)
+        w_ss, w_vs, w_sv, w_vv, bias, scale = _weights(
+            self, 2 * n_s + n_e, 2 * n_v, n_s_out, n_v_out, self.parameterization
+        )
         recv, send = slice(0, n_s), slice(n_s, 2 * n_s)
         node_s = s @ (
             jnp.concatenate([w_ss[recv] * a0, w_sv[recv], w_ss[send] * a0, w_sv[send]], axis=-1) * scale
