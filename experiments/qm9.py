@@ -98,6 +98,8 @@ class QM9Settings:
       features, num_interactions: SchNet width and interaction blocks (64 and 6 in the paper);
         for SEGNN the hidden scalar width that sets the weight-balanced irreps (128) and the
         message-passing layers (5).
+      parameterization: SEGNN's steerable weights, "fan_in" (the reference's torch-style init)
+        or "normal" (e3nn-jax's default); see ``models.segnn_qm9.E3NN_GRADIENT_NORMALIZATION``.
     """
 
     num_molecules: int | None
@@ -114,6 +116,7 @@ class QM9Settings:
     seeds: int = 1
     features: int = 64
     num_interactions: int = 6
+    parameterization: str = "fan_in"
 
     def __post_init__(self):
         for name in ("epochs", "molecules_per_example", "examples_per_step", "features", "num_interactions"):
@@ -123,6 +126,8 @@ class QM9Settings:
             raise ValueError(f"num_molecules must be >= 1 or None, got {self.num_molecules}")
         if self.split not in ("random", "cormorant"):
             raise ValueError(f"split must be 'random' or 'cormorant', got {self.split!r}")
+        if self.parameterization not in ("fan_in", "normal"):
+            raise ValueError(f"parameterization must be 'fan_in' or 'normal', got {self.parameterization!r}")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
             raise ValueError(f"lr_decay_at fractions must lie in (0, 1), got {self.lr_decay_at}")
 
@@ -186,7 +191,7 @@ def build_model(model_name: str, settings: QM9Settings):
 
         return SEGNNQM9(
             hidden_scalars=settings.features, lmax_hidden=2, lmax_attr=3, num_layers=settings.num_interactions,
-            norm="instance",
+            norm="instance", parameterization=settings.parameterization,
         )
     raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
 
@@ -512,6 +517,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "epochs": "epochs", "num_molecules": "num_molecules", "molecules_per_example": "molecules_per_example",
         "examples_per_step": "examples_per_step", "learning_rate": "learning_rate",
         "dual_learning_rate": "dual_learning_rate", "features": "features", "interactions": "num_interactions",
+        "parameterization": "parameterization",
     }
     overrides = {field: getattr(args, arg) for arg, field in cli_fields.items() if getattr(args, arg) is not None}
     settings = dataclasses.replace(settings, **overrides)
@@ -600,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dual-learning-rate", type=float, default=None, help="dual ascent step (default: preset)")
     parser.add_argument("--features", type=int, default=None, help="SchNet width / SEGNN hidden scalars")
     parser.add_argument("--interactions", type=int, default=None, help="SchNet blocks / SEGNN layers")
+    parser.add_argument("--parameterization", choices=("fan_in", "normal"), default=None,
+                        help="SEGNN steerable weights: fan_in (default, reference init) or normal (e3nn-jax)")
     return parser
 
 

@@ -25,6 +25,11 @@ molecule and per irrep channel: scalars are centred over the molecule's atoms, e
 is divided by sqrt(mean over atoms of its mean squared component + ε), then scaled by a
 learned weight (scalars also get a bias). The output is O(3)-invariant.
 
+Weights: ``parameterization="fan_in"`` (default) stores each steerable weight block at the
+scale it is used with (N(0, 1/n), like the reference SEGNN's torch-style init), "normal" is
+e3nn-jax's default N(0, 1) scaled by 1/√n in the forward pass — the same functions, but under
+Adam the latter learns √n times more slowly (the N-body SEGNN had the same issue).
+
 ACE (METHOD.md §1: "the reference SEGNN has 2 per message-passing layer, one after each
 tensor-product block"): with y the block output flattened to plain numbers, the message
 block gives m_ij + γ g(m_ij) (per edge, before the sum) and the update block u_i + γ g(u_i),
@@ -50,6 +55,13 @@ import jax.numpy as jnp
 
 from ace_jax import MLPBranch, SymmetryBreaking, summed_affine_branch
 from models.schnet import graph_fields
+from models.segnn import PARAMETERIZATIONS
+
+E3NN_GRADIENT_NORMALIZATION = {"fan_in": "element", "normal": "path"}
+"""e3nn-jax's name for each weight parameterisation (see :func:`models.segnn.weight_scale`):
+"fan_in" stores W ~ N(0, 1/n) used as is (e3nn ``gradient_normalization="element"``), "normal"
+stores W ~ N(0, 1) used as W/√n (e3nn's default, ``"path"``). Same functions; under Adam the
+"fan_in" weights change √n times faster relative to their size, as in the reference SEGNN."""
 
 QM9_ELEMENTS = (1, 6, 7, 8, 9)
 """Atomic numbers of the one-hot input (H, C, N, O, F); anything else (0 = padding) maps to zeros."""
@@ -86,9 +98,12 @@ class SteerableLayer(nn.Module):
 
     irreps_out: str
     gated: bool = False
+    parameterization: str = "fan_in"
 
     @nn.compact
     def __call__(self, x: e3nn.IrrepsArray, attr: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
         out = e3nn.Irreps(self.irreps_out).simplify()
         if self.gated:
             scalars = out.filter(keep=["0e"])
@@ -97,7 +112,10 @@ class SteerableLayer(nn.Module):
         else:
             linear_out = out
         product = e3nn.tensor_product(x, attr, filter_ir_out=linear_out)
-        y = e3nn.flax.Linear(linear_out, biases=True, force_irreps_out=True)(product)
+        y = e3nn.flax.Linear(
+            linear_out, biases=True, force_irreps_out=True,
+            gradient_normalization=E3NN_GRADIENT_NORMALIZATION[self.parameterization],
+        )(product)
         if self.gated:
             y = e3nn.gate(y, even_act=jax.nn.silu, even_gate_act=jax.nn.sigmoid)
         return y
@@ -150,6 +168,10 @@ class SEGNNQM9Layer(nn.Module):
     spectral_branch: bool = False
     gamma_init: float = 1.0
     message_branch_per_edge: bool = False
+    parameterization: str = "fan_in"
+
+    def _product(self, gated: bool, name: str) -> SteerableLayer:
+        return SteerableLayer(self.hidden_irreps, gated=gated, parameterization=self.parameterization, name=name)
 
     def _breaking(self, name: str, width: int) -> SymmetryBreaking:
         branch = MLPBranch(width, tuple(self.branch_hidden), self.spectral_branch, name=f"{name}_branch")
@@ -160,8 +182,8 @@ class SEGNNQM9Layer(nn.Module):
         senders, receivers = g["senders"], g["receivers"]
         num_nodes, num_graphs = h.shape[0], g["graph_mask"].shape[0]
         pair = e3nn.concatenate([h[receivers], h[senders], edge_scalars])  # [h_i, h_j, ‖x_i − x_j‖²]
-        m = SteerableLayer(self.hidden_irreps, gated=True, name="message_1")(pair, edge_attr)
-        m = SteerableLayer(self.hidden_irreps, gated=True, name="message_2")(m, edge_attr)
+        m = self._product(True, "message_1")(pair, edge_attr)
+        m = self._product(True, "message_2")(m, edge_attr)
         per_edge_branch = not project and (len(tuple(self.branch_hidden)) > 0 or self.message_branch_per_edge)
         if per_edge_branch:
             m = m + e3nn.IrrepsArray(m.irreps, self._breaking("message", m.irreps.dim)(m.array))
@@ -176,8 +198,8 @@ class SEGNNQM9Layer(nn.Module):
             aggregated = aggregated + e3nn.IrrepsArray(m.irreps, correction)
 
         u = e3nn.concatenate([h, aggregated])
-        u = SteerableLayer(self.hidden_irreps, gated=True, name="update_1")(u, node_attr)
-        u = SteerableLayer(self.hidden_irreps, gated=False, name="update_2")(u, node_attr)
+        u = self._product(True, "update_1")(u, node_attr)
+        u = self._product(False, "update_2")(u, node_attr)
         if not project:
             u = u + e3nn.IrrepsArray(u.irreps, self._breaking("update", u.irreps.dim)(u.array))
         h = h + u
@@ -199,6 +221,9 @@ class SEGNNQM9(nn.Module):
       branch_hidden, spectral_branch, gamma_init: ACE branch settings (one affine layer by default).
       message_branch_per_edge: evaluate an affine message branch on every edge, the literal
         form of the node-level computation (same numbers, slower; for tests).
+      parameterization: "fan_in" (default; stored weights ~ N(0, 1/n), as the reference SEGNN's
+        torch-style init) or "normal" (e3nn-jax's default: N(0, 1) scaled by 1/√n in the
+        forward pass); see :data:`E3NN_GRADIENT_NORMALIZATION`.
     """
 
     hidden_irreps: str | None = None
@@ -211,6 +236,7 @@ class SEGNNQM9(nn.Module):
     spectral_branch: bool = False
     gamma_init: float = 1.0
     message_branch_per_edge: bool = False
+    parameterization: str = "fan_in"
 
     def irreps(self) -> e3nn.Irreps:
         if self.hidden_irreps is not None:
@@ -241,17 +267,20 @@ class SEGNNQM9(nn.Module):
         node_attr = e3nn.IrrepsArray(edge_attr.irreps, node_attr)
         edge_scalars = e3nn.IrrepsArray("0e", jnp.sum(vectors**2, axis=-1, keepdims=True))
 
+        def product(irreps_out: str, gated: bool, name: str) -> SteerableLayer:
+            return SteerableLayer(irreps_out, gated=gated, parameterization=self.parameterization, name=name)
+
         x = e3nn.IrrepsArray(f"{len(QM9_ELEMENTS)}x0e", element_one_hot(g["atomic_numbers"]))
-        h = SteerableLayer(hidden, gated=True, name="embedding_1")(x, node_attr)
-        h = SteerableLayer(hidden, gated=False, name="embedding_2")(h, node_attr)
+        h = product(hidden, True, "embedding_1")(x, node_attr)
+        h = product(hidden, False, "embedding_2")(h, node_attr)
         for layer in range(self.num_layers):
             h = SEGNNQM9Layer(
                 hidden, self.norm, tuple(self.branch_hidden), self.spectral_branch, self.gamma_init,
-                self.message_branch_per_edge, name=f"layer_{layer}",
+                self.message_branch_per_edge, self.parameterization, name=f"layer_{layer}",
             )(h, edge_attr, node_attr, edge_scalars, g, project)
 
-        h = SteerableLayer(hidden, gated=True, name="pre_pool_1")(h, node_attr)
-        out = SteerableLayer(f"{self.hidden_scalars}x0e", gated=False, name="pre_pool_2")(h, node_attr).array
+        h = product(hidden, True, "pre_pool_1")(h, node_attr)
+        out = product(f"{self.hidden_scalars}x0e", False, "pre_pool_2")(h, node_attr).array
         weight = node_mask.astype(out.dtype)[:, None]
         pooled = jax.ops.segment_sum(out * weight, node_graph, num_graphs)
         pooled = pooled / jnp.maximum(jax.ops.segment_sum(weight, node_graph, num_graphs), 1.0)

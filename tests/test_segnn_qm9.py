@@ -102,3 +102,44 @@ def test_padding_does_not_leak(setup):
     for m in (3, 7):
         alone = apply(variables, batch_of(molecules, [m]), project=False)
         assert float(alone[0]) == pytest.approx(float(together[m]), rel=1e-4, abs=1e-5)
+
+
+def test_fan_in_parameterization_rescales_each_weight_block_of_the_same_function():
+    """"fan_in" (stored W ~ N(0, c²), used as is) and "normal" (W ~ N(0, 1), used as c·W): each
+    weight block enters both layers linearly with one constant ratio c < 1, so the "fan_in" layer
+    with weights c·W equals the "normal" layer with W, and its init draws W with std c."""
+    import e3nn_jax as e3nn
+
+    from models.segnn_qm9 import SteerableLayer
+
+    k_x, k_a, k_w = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = e3nn.normal("12x0e+8x1o+6x2e", k_x, (7,))
+    attr = e3nn.spherical_harmonics("0e+1o+2e", jax.random.normal(k_a, (7, 3)), normalize=True)
+    layers = {name: SteerableLayer("8x0e+8x1o+6x2e", parameterization=name) for name in ("fan_in", "normal")}
+    params = {name: layer.init(jax.random.PRNGKey(0), x, attr)["params"] for name, layer in layers.items()}
+    flat = {name: dict(jax.tree_util.tree_flatten_with_path(p)[0]) for name, p in params.items()}
+    assert flat["fan_in"].keys() == flat["normal"].keys()
+
+    def apply(name, leaves):
+        tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params[name]), list(leaves.values()))
+        return layers[name].apply({"params": tree}, x, attr).array
+
+    zeros = {path: jnp.zeros_like(leaf) for path, leaf in flat["normal"].items()}
+    ratios = {}
+    for index, path in enumerate(zeros):
+        block = jax.random.normal(jax.random.fold_in(k_w, index), zeros[path].shape)
+        y_fan_in = apply("fan_in", {**zeros, path: block})
+        y_normal = apply("normal", {**zeros, path: block})
+        c = float(jnp.vdot(y_normal, y_fan_in) / jnp.vdot(y_fan_in, y_fan_in))
+        np.testing.assert_allclose(y_normal, c * y_fan_in, rtol=1e-5, atol=1e-6)
+        ratios[path] = c
+    weights = [path for path in ratios if "w[" in jax.tree_util.keystr(path)]
+    assert weights and all(0 < ratios[path] < 1 for path in weights)
+    for path in weights:  # init: the "fan_in" weights are drawn c times smaller
+        std_fan_in, std_normal = float(jnp.std(flat["fan_in"][path])), float(jnp.std(flat["normal"][path]))
+        assert std_fan_in == pytest.approx(ratios[path] * std_normal, rel=0.25)
+
+    scaled = {path: ratios[path] * leaf for path, leaf in flat["normal"].items()}
+    np.testing.assert_allclose(apply("fan_in", scaled), apply("normal", flat["normal"]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="parameterization"):
+        SteerableLayer("2x0e", parameterization="xavier").init(jax.random.PRNGKey(0), x, attr)
