@@ -79,6 +79,9 @@ MODELS = ("schnet", "segnn")
 STUDY_METHODS = ("vanilla", "ace", "ace-resilient", "ace-inequality", "unconstrained", "penalty")
 """Methods this study supports ("scheduled" needs a Lie-derivative regulariser not written for QM9)."""
 
+SEGNN_PARAMETERIZATIONS = ("fan_in", "normal")
+"""``models.segnn.PARAMETERIZATIONS`` (default first), kept here so SchNet runs never import e3nn-jax."""
+
 FIXTURE_CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qm9_tiny.csv"
 
 
@@ -126,8 +129,9 @@ class QM9Settings:
             raise ValueError(f"num_molecules must be >= 1 or None, got {self.num_molecules}")
         if self.split not in ("random", "cormorant"):
             raise ValueError(f"split must be 'random' or 'cormorant', got {self.split!r}")
-        if self.parameterization not in ("fan_in", "normal"):
-            raise ValueError(f"parameterization must be 'fan_in' or 'normal', got {self.parameterization!r}")
+        if self.parameterization not in SEGNN_PARAMETERIZATIONS:
+            choices = SEGNN_PARAMETERIZATIONS
+            raise ValueError(f"parameterization must be one of {choices}, got {self.parameterization!r}")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
             raise ValueError(f"lr_decay_at fractions must lie in (0, 1), got {self.lr_decay_at}")
 
@@ -606,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dual-learning-rate", type=float, default=None, help="dual ascent step (default: preset)")
     parser.add_argument("--features", type=int, default=None, help="SchNet width / SEGNN hidden scalars")
     parser.add_argument("--interactions", type=int, default=None, help="SchNet blocks / SEGNN layers")
-    parser.add_argument("--parameterization", choices=("fan_in", "normal"), default=None,
+    parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default=None,
                         help="SEGNN steerable weights: fan_in (default, reference init) or normal (e3nn-jax)")
     return parser
 

@@ -243,7 +243,8 @@ def steerable_tensor_product(
 PARAMETERIZATIONS = ("normal", "fan_in")
 
 
-def _check_parameterization(parameterization: str) -> None:
+def check_parameterization(parameterization: str) -> None:
+    """Raise ValueError unless ``parameterization`` is one of :data:`PARAMETERIZATIONS`."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
 
@@ -257,7 +258,7 @@ def weight_scale(parameterization: str, fan_in: int) -> float:
     by about the learning rate per step, so at equal learning rate the "fan_in" layers change
     √n times faster relative to their size (√130 ≈ 11 for the message layer).
     """
-    _check_parameterization(parameterization)
+    check_parameterization(parameterization)
     return 1.0 / math.sqrt(fan_in) if parameterization == "normal" else 1.0
 
 

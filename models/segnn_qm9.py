@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from ace_jax import MLPBranch, SymmetryBreaking, summed_affine_branch
 from models.schnet import graph_fields
-from models.segnn import PARAMETERIZATIONS
+from models.segnn import check_parameterization
 
 E3NN_GRADIENT_NORMALIZATION = {"fan_in": "element", "normal": "path"}
 """e3nn-jax's name for each weight parameterisation (see :func:`models.segnn.weight_scale`):
@@ -102,8 +102,7 @@ class SteerableLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: e3nn.IrrepsArray, attr: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        check_parameterization(self.parameterization)
         out = e3nn.Irreps(self.irreps_out).simplify()
         if self.gated:
             scalars = out.filter(keep=["0e"])

@@ -1,5 +1,6 @@
 """QM9 study plumbing: padded batches as engine examples, exact per-molecule MAE, results schema."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_bad_options_raise(tmp_path):
         study.main(["--preset", "quick", "--out", str(tmp_path), "--csv", str(tmp_path / "missing.csv")])
     with pytest.raises(ValueError, match="unknown model"):
         study.benchmark_case("dimenet", 4)
+
+
+def test_segnn_parameterization_setting_matches_the_model():
+    from models.segnn import PARAMETERIZATIONS
+
+    assert set(study.SEGNN_PARAMETERIZATIONS) == set(PARAMETERIZATIONS)
+    settings = study.PRESETS["quick"]["segnn"]
+    assert study.build_model("segnn", settings).parameterization == "fan_in"
+    normal = study.build_model("segnn", dataclasses.replace(settings, parameterization="normal"))
+    assert normal.parameterization == "normal"
+    with pytest.raises(ValueError, match="parameterization"):
+        dataclasses.replace(settings, parameterization="xavier")
 
 
 def test_benchmark_case_shapes():
