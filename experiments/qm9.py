@@ -93,6 +93,8 @@ class QM9Settings:
       num_molecules: molecules drawn (seeded) from QM9 before splitting; None = all.
       split: "random" (80/10/10, ``random_split``) or "cormorant" (``cormorant_split``).
       epochs, learning_rate, dual_learning_rate: optimisation (Adam primal, plain dual ascent).
+      dual_proportional: gain κ ≥ 0 of the dual's proportional (PI) term
+        (``ace_jax.proportional_term``; 0 = plain ascent, the paper's update).
       lr_decay_at: fractions of the training steps at which the learning rate is × 0.1.
       molecules_per_example: molecules in one padded graph batch (one engine example).
       examples_per_step: engine examples per optimiser step.
@@ -120,6 +122,7 @@ class QM9Settings:
     features: int = 64
     num_interactions: int = 6
     parameterization: str = "fan_in"
+    dual_proportional: float = 0.0
 
     def __post_init__(self):
         for name in ("epochs", "molecules_per_example", "examples_per_step", "features", "num_interactions"):
@@ -132,6 +135,8 @@ class QM9Settings:
         if self.parameterization not in SEGNN_PARAMETERIZATIONS:
             choices = SEGNN_PARAMETERIZATIONS
             raise ValueError(f"parameterization must be one of {choices}, got {self.parameterization!r}")
+        if not self.dual_proportional >= 0:
+            raise ValueError(f"dual_proportional must be >= 0, got {self.dual_proportional}")
         if any(not 0 < f < 1 for f in self.lr_decay_at):
             raise ValueError(f"lr_decay_at fractions must lie in (0, 1), got {self.lr_decay_at}")
 
@@ -443,6 +448,7 @@ def run_target(
                 batch_size=batch_size,
                 learning_rate=settings.learning_rate,
                 dual_learning_rate=settings.dual_learning_rate,
+                dual_proportional=settings.dual_proportional,
                 lr_schedule=step_decay_schedule(settings.learning_rate, total_steps, settings.lr_decay_at),
                 eval_batch_size=batch_size,
                 seed=seed,
@@ -521,7 +527,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "epochs": "epochs", "num_molecules": "num_molecules", "molecules_per_example": "molecules_per_example",
         "examples_per_step": "examples_per_step", "learning_rate": "learning_rate",
         "dual_learning_rate": "dual_learning_rate", "features": "features", "interactions": "num_interactions",
-        "parameterization": "parameterization",
+        "parameterization": "parameterization", "dual_proportional": "dual_proportional",
     }
     overrides = {field: getattr(args, arg) for arg, field in cli_fields.items() if getattr(args, arg) is not None}
     settings = dataclasses.replace(settings, **overrides)
@@ -608,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--examples-per-step", type=int, default=None, help="padded batches per optimiser step")
     parser.add_argument("--learning-rate", type=float, default=None, help="Adam step size (default: preset)")
     parser.add_argument("--dual-learning-rate", type=float, default=None, help="dual ascent step (default: preset)")
+    parser.add_argument("--dual-proportional", type=float, default=None,
+                        help="gain of the dual's proportional (PI) term; damps the γ–λ oscillation (default: 0)")
     parser.add_argument("--features", type=int, default=None, help="SchNet width / SEGNN hidden scalars")
     parser.add_argument("--interactions", type=int, default=None, help="SchNet blocks / SEGNN layers")
     parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default=None,

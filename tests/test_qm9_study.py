@@ -152,6 +152,24 @@ def test_segnn_parameterization_setting_matches_the_model():
         dataclasses.replace(settings, parameterization="xavier")
 
 
+def test_dual_proportional_option_reaches_the_dual_update(tmp_path):
+    def final_multipliers(gain):
+        out = tmp_path / f"k{gain}"
+        study.main([
+            "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1", "--targets", "zpve",
+            "--methods", "ace", "--features", "8", "--interactions", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--dual-proportional", str(gain),
+        ])
+        assert json.loads((out / "results.json").read_text())["config"]["dual_proportional"] == gain
+        log = (out / "runs" / "zpve" / "ace" / "seed0" / "log.jsonl").read_text().splitlines()
+        return np.array(list(json.loads(log[-1])["multiplier"].values()))
+
+    plain, damped = final_multipliers(0.0), final_multipliers(50.0)
+    assert np.all(np.isfinite(damped)) and not np.allclose(plain, damped)
+    with pytest.raises(ValueError, match="dual_proportional"):
+        dataclasses.replace(study.PRESETS["quick"]["schnet"], dual_proportional=-1.0)
+
+
 def test_benchmark_case_shapes():
     task, batch = study.benchmark_case("schnet", 12, seed=0)
     assert batch["graph_mask"].shape == (1, 13) and int(batch["graph_mask"].sum()) == 12

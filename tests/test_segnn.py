@@ -172,9 +172,8 @@ def reference_segnn(variables, loc, vel, charges, *, n_s, n_v, num_layers, proje
     rel = loc[receivers] - loc[senders]
     edge_attr = e3nn.spherical_harmonics(ATTR_IRREPS, rel, normalize=True, normalization="integral")
     vel_attr = e3nn.spherical_harmonics(ATTR_IRREPS, vel, normalize=True, normalization="integral")
-    node_attr = e3nn.IrrepsArray(
-        ATTR_IRREPS, jax.ops.segment_sum(edge_attr.array, receivers, n) / (n - 1) + vel_attr.array
-    )
+    node_attr = jax.ops.segment_sum(edge_attr.array, receivers, n) / (n - 1) + vel_attr.array
+    node_attr = e3nn.IrrepsArray(ATTR_IRREPS, node_attr.at[:, 0].set(1.0))  # l = 0 part is 1, as in SEGNN
     edge_scalars = e3nn.IrrepsArray(
         "2x0e", jnp.stack([jnp.linalg.norm(rel, axis=-1), charges[receivers, 0] * charges[senders, 0]], axis=-1)
     )
