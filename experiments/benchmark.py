@@ -29,7 +29,7 @@ from experiments.common import markdown_table, write_json
 MODELS = {
     "c4_cnn": ("experiments.c4_toy", (), 32, {}),
     "segnn": ("experiments.nbody", ("segnn",), 100, {}),
-    "segnn_dense": ("experiments.nbody", ("segnn",), 100, {"branch_kind": "dense"}),
+    "segnn_in_kernel": ("experiments.nbody", ("segnn",), 100, {"branch_kind": "in_kernel"}),
     "egnn": ("experiments.nbody", ("egnn",), 100, {}),
     "egno": ("experiments.mocap", (), 12, {}),
     "schnet": ("experiments.qm9", ("schnet",), 100, {}),

@@ -40,6 +40,27 @@ the whole run; the engine reshuffles the order of the groups every epoch and tak
 Targets U0, U, H and G are trained as atomization energies (atom reference energies
 subtracted, ``data.qm9.subtract_atom_references``); this changes nothing in the MAE (the
 references are a fixed function of the composition) but keeps the regression well scaled.
+
+Measured (SchNet, one seed, one core of a 2-core CPU; test MAE of the epoch chosen on validation)
+-------------------------------------------------------------------------------------------------
+Under Adam, γ moves at most about the learning rate per step, so the dual needs a budget ≫ 1/lr
+steps before the projection means anything. At the quick preset (1000 steps) γ has only just
+crossed 0 when training ends (ZPVE projection 0.081 vs vanilla 0.056 eV). With plain ascent γ
+and λ oscillate without damping (10 000 molecules, 10 epochs: γ swings between ±0.7 with a
+period of about 4 epochs; projection 0.051 vs vanilla 0.022 eV). ``--dual-proportional`` adds
+the PI term (``ace_jax.proportional_term``). With κ = 1000 and dual step 1e-2, γ overshoots once
+and settles to |γ| ≲ 1e-3 within about 6000 steps.
+Then, ``--preset quick --targets zpve,Cv --methods vanilla,ace
+--num-molecules 20000 --epochs 25 --dual-proportional 1000`` (16 000 training molecules, 25 000
+steps of 16, 38 min for the four runs):
+
+| target | vanilla | ACE projection | ACE full |
+|---|---|---|---|
+| ZPVE (eV) | 0.01148 | **0.01002** | 0.01002 |
+| Cv (cal/mol K) | 0.1746 | **0.1710** | 0.1712 |
+
+With 10 000 molecules × 10 epochs and the same κ: ZPVE 0.0198 vs 0.0215, Cv 0.283 vs 0.212
+(ACE behind; γ only settled in the last epochs).
 """
 
 from __future__ import annotations
