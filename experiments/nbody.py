@@ -71,7 +71,8 @@ than the full model (0.00445) — the branches act as a regulariser of the equiv
 rather than as capacity it keeps. With the strong PI term γ falls from 1 to 0 within ~60
 epochs (Adam moves it ~lr per step) and stays at |γ| < 0.07: the run is then a vanilla run, and
 it ends at vanilla level (final |γ| < 2e-3). With plain ascent alone (normal weights) γ also
-oscillates, amplitude 0.3–0.5; PI with κ = 300 damped it to 0 by epoch ~250. The paper's 3.8e-3 is approached (0.00394, one seed) but not yet reached.
+oscillates, amplitude 0.3–0.5; PI with κ = 300 damped it to 0 by epoch ~250. The paper's
+3.8e-3 is approached (0.00394, one seed) but not yet reached.
 Quick preset (``--preset quick``, plain ascent, smoke size; 121 s): vanilla 0.00798, ACE
 projection 0.00933 (full 0.0121) with the current model and default dense branches; earlier
 model 0.00858 vs 0.0113 (in-kernel) / 0.0124 (dense).
