@@ -10,6 +10,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+SEGNN_PARAMETERIZATIONS = ("fan_in", "normal")
+"""``models.segnn.PARAMETERIZATIONS`` (default first) for the studies' ``--parameterization``
+options, kept here so that runs of other models never import e3nn-jax."""
+
 
 def summarize(values: Sequence[float]) -> dict:
     """``{"mean", "std"}`` over seeds (population std; 0 for one seed; NaN-free input required)."""

@@ -92,7 +92,15 @@ import numpy as np
 
 import ace_jax
 from ace_jax import Task, TrainConfig, random_orthogonal
-from experiments.common import add_study_args, fmt, markdown_table, parse_list, summarize, write_json
+from experiments.common import (
+    SEGNN_PARAMETERIZATIONS,
+    add_study_args,
+    fmt,
+    markdown_table,
+    parse_list,
+    summarize,
+    write_json,
+)
 from experiments.plotting import plot_curves, plot_trajectories
 from experiments.vmapped_seeds import fit_seeds_vmapped
 
@@ -395,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SEGNN ACE branches: dense Linear on each block's flattened output (default, the "
                              "paper's), per-channel 3x3 vector mixing, or per-axis vector weights folded into "
                              "each block's last product (cheapest)")
-    parser.add_argument("--parameterization", choices=("fan_in", "normal"), default="fan_in",
+    parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default="fan_in",
                         help="SEGNN weights: N(0,1) used as W/sqrt(n) (e3nn-jax) or U(+-1/sqrt(n)) used as is "
                              "(torch.nn.Linear style, as the reference SEGNN)")
     parser.add_argument("--cache-dir", default=None, help="N-body data cache (default ~/.cache/ace_jax/nbody)")

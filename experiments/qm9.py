@@ -92,16 +92,21 @@ from data.qm9 import (
     target_column,
     target_stats,
 )
-from experiments.common import add_study_args, fmt, markdown_table, parse_list, summarize, write_json
+from experiments.common import (
+    SEGNN_PARAMETERIZATIONS,
+    add_study_args,
+    fmt,
+    markdown_table,
+    parse_list,
+    summarize,
+    write_json,
+)
 from experiments.plotting import plot_curves, plot_trajectories
 from models.schnet import GRAPH_FIELDS, SchNet
 
 MODELS = ("schnet", "segnn")
 STUDY_METHODS = ("vanilla", "ace", "ace-resilient", "ace-inequality", "unconstrained", "penalty")
 """Methods this study supports ("scheduled" needs a Lie-derivative regulariser not written for QM9)."""
-
-SEGNN_PARAMETERIZATIONS = ("fan_in", "normal")
-"""``models.segnn.PARAMETERIZATIONS`` (default first), kept here so SchNet runs never import e3nn-jax."""
 
 FIXTURE_CSV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qm9_tiny.csv"
 
