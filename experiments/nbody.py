@@ -92,15 +92,8 @@ import numpy as np
 
 import ace_jax
 from ace_jax import Task, TrainConfig, random_orthogonal
-from experiments.common import (
-    SEGNN_PARAMETERIZATIONS,
-    add_study_args,
-    fmt,
-    markdown_table,
-    parse_list,
-    summarize,
-    write_json,
-)
+from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
+from experiments.common import summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from experiments.vmapped_seeds import fit_seeds_vmapped
 

@@ -92,15 +92,8 @@ from data.qm9 import (
     target_column,
     target_stats,
 )
-from experiments.common import (
-    SEGNN_PARAMETERIZATIONS,
-    add_study_args,
-    fmt,
-    markdown_table,
-    parse_list,
-    summarize,
-    write_json,
-)
+from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
+from experiments.common import summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from models.schnet import GRAPH_FIELDS, SchNet
 
