@@ -10,6 +10,16 @@ import pytest
 from experiments.modelnet import METRICS, Preset, accuracies, drop_points_jax, main, run_study, subset_classes
 
 
+def tiny_preset(**changes) -> Preset:
+    """A one-epoch ACE run on two classes of 16-point clouds (a single small compiled model)."""
+    settings = dict(
+        epochs=1, seeds=1, batch_size=4, num_points=16, k=4, width=1, head_hidden=(4,), optimizer="adam",
+        learning_rate=1e-3, dual_learning_rate=1e-3, classes=("sphere", "cube"), num_per_class_train=4,
+        num_per_class_val=2, num_per_class_test=3, eval_batch_size=4, spectral_branch=False, methods=("ace",),
+    )
+    return Preset(**{**settings, **changes})
+
+
 def test_drop_points_jax_keeps_shape_and_only_kept_points():
     points = jnp.asarray(np.random.default_rng(0).normal(size=(20, 3)), jnp.float32)
     dropped = np.asarray(drop_points_jax(jax.random.PRNGKey(0), points, 0.25))
@@ -60,12 +70,7 @@ def test_cli_rejects_bad_arguments(tmp_path):
 def test_tiny_run_writes_the_schema(tmp_path):
     # One epoch of ACE on the dropout study (the schema's keys are "clean" | "dropout"; one
     # study keeps this test to a single compiled model on a 2-core CPU).
-    preset = Preset(
-        epochs=1, seeds=1, batch_size=4, num_points=16, k=4, width=1, head_hidden=(4,), optimizer="adam",
-        learning_rate=1e-3, dual_learning_rate=1e-3, classes=("sphere", "cube"), num_per_class_train=4,
-        num_per_class_val=2, num_per_class_test=3, eval_batch_size=4, spectral_branch=False,
-        dropout=0.25, methods=("ace",),
-    )
+    preset = tiny_preset(dropout=0.25)
     results = run_study(preset, tmp_path, studies=("dropout",), progress=False, cache_dir=tmp_path / "cache")
     stored = json.loads((tmp_path / "results.json").read_text())
     assert set(stored) == {"config", "runs"}
@@ -86,3 +91,31 @@ def test_tiny_run_writes_the_schema(tmp_path):
     per_seed = json.loads((tmp_path / "per_seed.json").read_text())["dropout"]["ace"][0]
     assert len(per_seed["final_gammas"]) == 15
     assert (tmp_path / "runs" / "dropout" / "ace" / "seed0" / "log.jsonl").is_file()
+
+
+def test_every_preset_names_known_classes_and_methods():
+    from data.shapes import SHAPE_CLASS_NAMES
+    from experiments.modelnet import PRESETS, SUPPORTED_METHODS
+
+    for name, preset in PRESETS.items():
+        assert preset.classes is None or set(preset.classes) <= set(SHAPE_CLASS_NAMES), name
+        assert preset.classes is None or len(set(preset.classes)) == len(preset.classes), name
+        assert set(preset.methods) <= set(SUPPORTED_METHODS), name
+        assert preset.num_points >= preset.k, name
+
+
+def test_dual_proportional_setting_reaches_the_dual_update(tmp_path):
+    def final_multipliers(gain):
+        preset = tiny_preset(dual_learning_rate=1e-2, num_per_class_train=8, dual_proportional=gain)
+        out = tmp_path / f"k{gain}"
+        run_study(preset, out, studies=("clean",), progress=False, cache_dir=tmp_path / "cache")
+        assert json.loads((out / "results.json").read_text())["config"]["dual_proportional"] == gain
+        log = (out / "runs" / "clean" / "ace" / "seed0" / "log.jsonl").read_text().splitlines()
+        return np.array(list(json.loads(log[-1])["multiplier"].values()))
+
+    plain, damped = final_multipliers(0.0), final_multipliers(50.0)
+    assert np.all(np.isfinite(damped)) and not np.allclose(plain, damped)
+    with pytest.raises(ValueError, match="dual_proportional"):
+        tiny_preset(dual_proportional=-1.0)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--dual-proportional", "-1"])
