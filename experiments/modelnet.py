@@ -524,12 +524,13 @@ def main(argv=None) -> dict:
     if args.branch_kind is not None:
         changes["branch_kind"] = args.branch_kind
     if args.dual_proportional is not None:
-        if not args.dual_proportional >= 0:
-            raise SystemExit(f"--dual-proportional must be >= 0, got {args.dual_proportional}")
         changes["dual_proportional"] = args.dual_proportional
     if args.classes is not None:
         changes["classes"] = None if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    preset = dataclasses.replace(preset, **changes)
+    try:
+        preset = dataclasses.replace(preset, **changes)  # Preset validates every setting
+    except ValueError as error:
+        raise SystemExit(f"invalid setting: {error}") from None
     studies = parse_list(args.studies, STUDIES, "studies")
     if args.data != "synthetic" and not Path(args.data).exists():
         raise SystemExit(f"--data {args.data}: no such folder (use 'synthetic' or a local ModelNet40 copy)")

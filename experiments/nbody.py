@@ -109,7 +109,7 @@ MODELS = ("segnn", "egnn")
 # SEGNN's ACE branches unless --branch-kind says otherwise: the paper's Dense branch on each
 # block's flattened output. At paper settings it is the branch with which ACE beats vanilla
 # (module docstring); the in-kernel branch is cheaper (1.08x the vanilla step against 1.22x,
-# quiet 2-core CPU) but trained to vanilla level.
+# quiet 2-core CPU) but gave no gain over vanilla.
 DEFAULT_SEGNN_BRANCH = "dense"
 METRIC = "mse"
 # Which model each method deploys (selection and the table's headline column).
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SEGNN ACE branches: dense Linear on each block's flattened output (default, the "
                              "paper's), per-channel 3x3 vector mixing, or per-axis vector weights folded into "
                              "each block's last product (cheapest)")
-    parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default="fan_in",
+    parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default=SEGNN_PARAMETERIZATIONS[0],
                         help="SEGNN weights: N(0,1) used as W/sqrt(n) (e3nn-jax) or U(+-1/sqrt(n)) used as is "
                              "(torch.nn.Linear style, as the reference SEGNN)")
     parser.add_argument("--cache-dir", default=None, help="N-body data cache (default ~/.cache/ace_jax/nbody)")
