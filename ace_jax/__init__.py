@@ -23,6 +23,7 @@ from ace_jax.homotopic import (
     GAMMA,
     AxisMixBranch,
     Homotopic,
+    LowRankBranch,
     MLPBranch,
     SpectralDense,
     SymmetryBreaking,

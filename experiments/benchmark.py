@@ -30,10 +30,12 @@ MODELS = {
     "c4_cnn": ("experiments.c4_toy", (), 32, {}),
     "segnn": ("experiments.nbody", ("segnn",), 100, {}),
     "segnn_in_kernel": ("experiments.nbody", ("segnn",), 100, {"branch_kind": "in_kernel"}),
+    "segnn_rank16": ("experiments.nbody", ("segnn",), 100, {"branch_rank": 16}),
     "egnn": ("experiments.nbody", ("egnn",), 100, {}),
     "egno": ("experiments.mocap", (), 12, {}),
     "schnet": ("experiments.qm9", ("schnet",), 100, {}),
     "segnn_qm9": ("experiments.qm9", ("segnn",), 32, {}),
+    "segnn_qm9_rank16": ("experiments.qm9", ("segnn",), 32, {"branch_rank": 16}),
     "vn_dgcnn": ("experiments.modelnet", (), 32, {}),
     "vn_dgcnn_axis": ("experiments.modelnet", (), 32, {"branch_kind": "axis"}),
 }
@@ -56,8 +58,9 @@ def compile_step(task, batch, method: str, seed: int = 0):
 
 def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10) -> dict:
     """Compile every method's step, then time them *interleaved*: ``rounds`` rounds in which each
-    method runs ``ceil(steps / rounds)`` steps in turn, so a slow phase of a shared machine hits
-    all methods alike instead of whichever happened to run then. Returns per method the
+    method runs ``ceil(steps / rounds)`` steps in turn (in reversed order every other round), so
+    a slow phase of a shared machine hits all methods alike instead of whichever happened to run
+    then, and no method always runs first. Returns per method the
     parameter count, compile seconds and the median / p90 of the per-step wall times."""
     batch = jax.device_put(batch)
     runs = {}
@@ -68,8 +71,9 @@ def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int 
         jax.block_until_ready(state)
         runs[method] = {"state": state, "step": compiled, "compile_s": compile_s, "times": []}
     per_round = -(-steps // rounds)
-    for _ in range(rounds):
-        for run in runs.values():
+    for round_index in range(rounds):
+        order = list(runs.values())
+        for run in order if round_index % 2 == 0 else order[::-1]:  # alternate, so no method always goes first
             state = run["state"]
             for _ in range(per_round):
                 t = time.perf_counter()

@@ -35,6 +35,7 @@ CLI::
     python -m experiments.nbody --preset quick|paper --out DIR [--model segnn|egnn]
         [--methods a,b] [--seeds N] [--epochs N] [--train-size N] [--field E]
         [--dual-optimizer ascent|adam] [--dual-proportional K] [--vmap-seeds] [--spectral-branch auto|on|off]
+        [--branch-kind dense|axis|in_kernel] [--branch-rank R] [--parameterization fan_in|normal]
         [--cache-dir DIR] [--seed S] [--no-progress]
 
 Writes DIR/results.json (schema in :func:`method_summary`), DIR/table.md, DIR/val_curves.png,
@@ -161,17 +162,21 @@ def resolve_branch_kind(model_name: str, branch_kind: str | None) -> str:
 
 def make_model(
     model_name: str, spectral_branch: bool = False, gamma_init: float = 1.0, branch_kind: str | None = None,
-    parameterization: str = "fan_in",
+    parameterization: str = "fan_in", branch_rank: int | None = None,
 ):
     """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py).
 
     ``branch_kind`` (SEGNN only): ``"dense"`` Linear branches on the flattened features (the
     paper's), ``"axis"`` per-channel 3×3 mixing of the vector features (much cheaper) or
     ``"in_kernel"`` (a per-axis vector→vector weight folded into each block's last product;
-    None = :data:`DEFAULT_SEGNN_BRANCH`; see :func:`resolve_branch_kind`). ``parameterization``
-    (SEGNN only): ``"normal"`` or ``"fan_in"`` (models.segnn.weight_scale).
+    None = :data:`DEFAULT_SEGNN_BRANCH`; see :func:`resolve_branch_kind`). ``branch_rank`` (SEGNN,
+    dense kind): factor each Linear branch through rank r (:class:`ace_jax.LowRankBranch`).
+    ``parameterization`` (SEGNN only): ``"normal"`` or ``"fan_in"`` (models.segnn.weight_scale).
     """
     branch_kind = resolve_branch_kind(model_name, branch_kind)
+    if branch_rank is not None and (model_name != "segnn" or branch_kind != "dense" or branch_rank < 1):
+        raise ValueError(f"--branch-rank must be >= 1 and applies to SEGNN's dense branches only, got {branch_rank} "
+                         f"with model {model_name!r} and branch kind {branch_kind!r}")
     if model_name == "egnn" and parameterization != "fan_in":
         raise ValueError("--parameterization normal applies to SEGNN only (EGNN's layers use the fan-in init)")
     if model_name == "egnn":
@@ -184,7 +189,7 @@ def make_model(
         except ImportError as err:
             raise ValueError(f"model 'segnn' is not available ({err}); use --model egnn") from err
         return SEGNN(num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init, branch_kind=branch_kind,
-                     parameterization=parameterization)
+                     parameterization=parameterization, branch_rank=branch_rank)
     raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -253,9 +258,10 @@ def make_task(model, example: dict) -> Task:
                 regularizer=make_lie_regularizer(predict))
 
 
-def benchmark_case(model_name: str, batch: int, seed: int = 0, branch_kind: str | None = None):
+def benchmark_case(model_name: str, batch: int, seed: int = 0, branch_kind: str | None = None,
+                   branch_rank: int | None = None):
     """``(Task, batch_dict)`` for timing one train step: the N-body task of ``model_name`` (with
-    SEGNN branches of ``branch_kind``) and ``batch`` random but plausible graphs (no data
+    SEGNN branches of ``branch_kind`` and ``branch_rank``) and ``batch`` random but plausible graphs (no data
     generation): positions ~ N(0, 1.5²), velocities of speed ~0.5–1, charges ±1, target =
     loc + vel (all float32, shapes loc/vel/target (batch, 5, 3), charges (batch, 5, 1))."""
     if batch < 1:
@@ -267,7 +273,8 @@ def benchmark_case(model_name: str, batch: int, seed: int = 0, branch_kind: str 
     charges = rng.choice([-1.0, 1.0], (batch, 5, 1))
     data = {"loc": loc, "vel": vel, "charges": charges, "target": loc + vel}
     data = {k: v.astype(np.float32) for k, v in data.items()}
-    task = make_task(make_model(model_name, branch_kind=branch_kind), {k: v[0] for k, v in data.items()})
+    task = make_task(make_model(model_name, branch_kind=branch_kind, branch_rank=branch_rank),
+                     {k: v[0] for k, v in data.items()})
     return task, data
 
 
@@ -343,7 +350,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "learning_rate": preset["learning_rate"], "dual_learning_rate": preset["dual_learning_rate"],
         "dual_optimizer": args.dual_optimizer, "dual_proportional": args.dual_proportional, "eval_every": preset["eval_every"],
         "spectral_branch": args.spectral_branch,
-        "branch_kind": resolve_branch_kind(args.model, args.branch_kind),
+        "branch_kind": resolve_branch_kind(args.model, args.branch_kind), "branch_rank": args.branch_rank,
         "parameterization": args.parameterization, "vmap_seeds": args.vmap_seeds,
         "select_on": {m: SELECT_ON[m] for m in methods}, "metric": f"test {METRIC} on positions",
         "device": jax.devices()[0].platform,
@@ -353,7 +360,7 @@ def run_study(args: argparse.Namespace) -> dict:
     for name in methods:
         spectral = args.spectral_branch == "on" or (args.spectral_branch == "auto" and name == "ace-resilient")
         model = make_model(args.model, spectral_branch=spectral, branch_kind=args.branch_kind,
-                           parameterization=args.parameterization)
+                           parameterization=args.parameterization, branch_rank=args.branch_rank)
         task = make_task(model, example)
         config = TrainConfig(
             epochs=epochs, batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
@@ -403,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SEGNN ACE branches: dense Linear on each block's flattened output (default, the "
                              "paper's), per-channel 3x3 vector mixing, or per-axis vector weights folded into "
                              "each block's last product (cheapest)")
+    parser.add_argument("--branch-rank", type=int, default=None,
+                        help="SEGNN dense branches factored through this rank (low-rank Linear; default: full rank)")
     parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default=SEGNN_PARAMETERIZATIONS[0],
                         help="SEGNN weights: N(0,1) used as W/sqrt(n) (e3nn-jax) or U(+-1/sqrt(n)) used as is "
                              "(torch.nn.Linear style, as the reference SEGNN)")

@@ -60,6 +60,13 @@ below vanilla's throughout (0.00429 vs 0.00500 best) and test reached 0.00442; w
 Y0 = 1 (the current model) dense ACE reaches 0.00394 / 0.00403 (seeds 0 / 1) against vanilla's
 0.00435 / 0.00455, and in-kernel ACE 0.00470 (seed 0), worse than vanilla (``experiments.nbody``, whose default is
 therefore the dense branch, like this class's).
+``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`). It
+does not pay off here: quiet 2-core CPU, 200 interleaved steps, vanilla 31.1 ms, dense ACE
+39.2 ms (1.26×), rank-16 ACE 46.6 ms (1.50×); an earlier, noisier benchmark and a separate
+interleaved script also gave 1.5× (one reordered script run had the two level), although in isolation the rank-16 branch's forward + backward on (500, 128) rows costs 0.27–0.35
+ms against 0.73–0.87 ms for the dense one; the chained small products cost more inside the
+vmapped step than the single 128×128 one (not analysed further). The QM9 SEGNN, with 324-wide
+features, does gain from it (models/segnn_qm9.py).
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N
@@ -104,7 +111,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ace_jax import AxisMixBranch, MLPBranch, SymmetryBreaking, summed_affine_branch, weight_breaking
+from ace_jax import AxisMixBranch, LowRankBranch, MLPBranch, SymmetryBreaking, summed_affine_branch, weight_breaking
 
 BRANCH_KINDS = ("dense", "axis", "in_kernel")
 
@@ -391,10 +398,13 @@ class SEGNNLayer(nn.Module):
     gamma_init: float = 1.0
     branch_kind: str = "dense"
     parameterization: str = "fan_in"
+    branch_rank: int | None = None
 
     def _breaking(self, name: str) -> SymmetryBreaking:
         if self.branch_kind == "axis":
             branch = AxisMixBranch(component_axis=-2, normalize=self.spectral_branch, name=f"{name}_branch")
+        elif self.branch_rank is not None:
+            branch = LowRankBranch(self.n_s + 3 * self.n_v, self.branch_rank, self.spectral_branch, name=f"{name}_branch")
         else:
             branch = MLPBranch(
                 self.n_s + 3 * self.n_v, hidden=tuple(self.branch_hidden), spectral=self.spectral_branch,
@@ -408,6 +418,8 @@ class SEGNNLayer(nn.Module):
             raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {self.branch_kind!r}")
         if self.branch_kind != "dense" and tuple(self.branch_hidden):
             raise ValueError("branch_hidden applies to dense branches only (branch_kind='dense')")
+        if self.branch_rank is not None and (self.branch_kind != "dense" or tuple(self.branch_hidden)):
+            raise ValueError("branch_rank applies to affine dense branches only (branch_kind='dense', no branch_hidden)")
         s, v = h
         n = s.shape[0]
         axis = self.branch_kind == "axis"
@@ -464,6 +476,9 @@ class SEGNN(nn.Module):
         ``"axis"`` (:class:`ace_jax.AxisMixBranch` on the block's vector channels only: a
         learned 3×3 per channel, 9 multiply-adds per channel instead of a 128×128 Dense) or
         ``"in_kernel"`` (per-component vector weights folded into the block's last product).
+      branch_rank: with the dense kind, factor each affine branch through rank r
+        (:class:`ace_jax.LowRankBranch`, 2·128·r multiply-adds per row instead of 128²);
+        None (default) = the full Linear branch.
       parameterization: ``"normal"`` (e3nn-jax: W ~ N(0, 1) used as W/√n) or ``"fan_in"``
         (the reference SEGNN's torch.nn.Linear-style W ~ U(±1/√n) used as is); same function
         class, different Adam dynamics (:func:`weight_scale`).
@@ -480,6 +495,7 @@ class SEGNN(nn.Module):
     branch_hidden: Sequence[int] = ()
     branch_kind: str = "dense"
     parameterization: str = "fan_in"
+    branch_rank: int | None = None
 
     @nn.compact
     def __call__(self, loc: jax.Array, vel: jax.Array, charges: jax.Array, project: bool = False) -> jax.Array:
@@ -517,7 +533,7 @@ class SEGNN(nn.Module):
         for layer in range(self.num_layers):
             h = SEGNNLayer(
                 n_s, n_v, self.spectral_branch, tuple(self.branch_hidden), self.gamma_init, self.branch_kind,
-                p, name=f"layer_{layer}",
+                p, self.branch_rank, name=f"layer_{layer}",
             )(h, edge_scalars, edge_a0, edge_a1, node_a0, node_a1, project)
 
         s, v = SteerableLinear(n_s, n_v, gated=True, parameterization=p, name="head_1")(*h, node_a0, node_a1)

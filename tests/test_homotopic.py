@@ -9,6 +9,7 @@ import pytest
 from ace_jax import (
     GAMMA,
     Homotopic,
+    LowRankBranch,
     MLPBranch,
     SpectralDense,
     SymmetryBreaking,
@@ -163,3 +164,23 @@ def test_summed_affine_branch_equals_the_per_edge_sum():
     total, count = jnp.sum(messages * mask, axis=1), jnp.sum(mask, axis=1)
     np.testing.assert_allclose(summed_affine_branch(g, total, count), per_edge, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(summed_affine_branch(g, total, count)[2], 0.0)
+
+
+def test_low_rank_branch_is_an_affine_map_of_bounded_rank():
+    """g(x) = x U V + b with rank(U V) ≤ r; spectral factors make g − b 1-Lipschitz."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 9))
+    branch = LowRankBranch(7, rank=2)
+    variables = branch.init(jax.random.PRNGKey(1), x)
+    p = variables["params"]
+    assert p["down"]["kernel"].shape == (9, 2) and p["up"]["kernel"].shape == (2, 7)
+    matrix = np.asarray(p["down"]["kernel"] @ p["up"]["kernel"])
+    assert np.linalg.matrix_rank(matrix, tol=1e-6) == 2
+    bias = jnp.full((7,), 0.3)
+    variables = {"params": {**p, "up": {**p["up"], "bias": bias}}}
+    np.testing.assert_allclose(branch.apply(variables, x), np.asarray(x) @ matrix + 0.3, rtol=1e-5, atol=1e-5)
+    spectral = LowRankBranch(7, rank=3, spectral=True)
+    sv = spectral.init(jax.random.PRNGKey(2), x)
+    gaps = jnp.linalg.norm(spectral.apply(sv, x) - spectral.apply(sv, jnp.zeros_like(x)), axis=-1)
+    assert bool(jnp.all(gaps <= jnp.linalg.norm(x, axis=-1) * (1 + 1e-3)))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LowRankBranch(7, rank=0).init(jax.random.PRNGKey(0), x)

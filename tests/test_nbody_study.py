@@ -172,3 +172,16 @@ def test_vmapped_seeds_equal_separate_runs(tiny_task):
             np.testing.assert_allclose(got.test[mode]["mse"], ref.test[mode]["mse"], rtol=1e-5)
     # The two seeds really are different runs.
     assert vmapped[0].history[-1]["train_loss"] != vmapped[1].history[-1]["train_loss"]
+
+
+def test_branch_rank_reaches_segnn_and_invalid_uses_raise():
+    """--branch-rank builds SEGNN with rank-r dense branches; EGNN, the folded kinds and r < 1
+    are invalid settings, named in the error."""
+    pytest.importorskip("e3nn_jax")
+    assert study.make_model("segnn", branch_rank=8).branch_rank == 8
+    assert study.make_model("segnn").branch_rank is None
+    for kwargs in ({"model_name": "egnn"}, {"model_name": "segnn", "branch_kind": "in_kernel"},
+                   {"model_name": "segnn", "branch_rank_": 0}):
+        rank = kwargs.pop("branch_rank_", 8)
+        with pytest.raises(ValueError, match="--branch-rank"):
+            study.make_model(**kwargs, branch_rank=rank)

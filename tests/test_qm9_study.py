@@ -181,3 +181,14 @@ def test_benchmark_case_shapes():
     assert not np.array_equal(batch["positions"], other["positions"])
     shapes = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(0), True))
     assert len(ace_jax.named_leaves(shapes["gamma"])) == 6
+
+
+def test_branch_rank_setting_builds_low_rank_segnn_only():
+    """QM9Settings.branch_rank reaches SEGNN; a rank < 1, or a rank for SchNet, is an error."""
+    settings = study.PRESETS["quick"]["segnn"]
+    assert study.build_model("segnn", dataclasses.replace(settings, branch_rank=4)).branch_rank == 4
+    assert study.build_model("segnn", settings).branch_rank is None
+    with pytest.raises(ValueError, match="branch_rank must be >= 1"):
+        dataclasses.replace(settings, branch_rank=0)
+    with pytest.raises(ValueError, match="branch_rank applies to SEGNN"):
+        study.build_model("schnet", dataclasses.replace(study.PRESETS["quick"]["schnet"], branch_rank=4))

@@ -363,11 +363,12 @@ def test_vv_perturbation_adds_a_per_component_vector_map():
         steerable_tensor_product(s, v, 0.3, a1, *weights, vv_perturbation=delta[0])
 
 
-@pytest.mark.parametrize("kind", ["axis", "in_kernel"])
-def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(kind):
-    """branch_kind "axis" / "in_kernel": γ ≠ 0 breaks rotation equivariance; γ = 0 is the same
-    SEGNN as the dense-branch model with the same equivariant weights (the kind only changes g)."""
-    axis_model = SEGNN(**SMALL, branch_kind=kind)
+@pytest.mark.parametrize("branch", [{"branch_kind": "axis"}, {"branch_kind": "in_kernel"}, {"branch_rank": 3}])
+def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(branch):
+    """branch_kind "axis" / "in_kernel" and rank-3 dense branches: γ ≠ 0 breaks rotation
+    equivariance; γ = 0 is the same SEGNN as the dense-branch model with the same equivariant
+    weights (the branch only changes g)."""
+    axis_model = SEGNN(**SMALL, **branch)
     graph = nbody_graph(5)
     variables = random_variables(axis_model, *graph, seed=5, gamma=1.0)
     x = graph_batch(11)
@@ -383,6 +384,8 @@ def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(kind):
     )
     with pytest.raises(ValueError, match="branch_kind"):
         SEGNN(**SMALL, branch_kind="conv").init(jax.random.PRNGKey(0), *graph)
+    with pytest.raises(ValueError, match="branch_rank"):
+        SEGNN(**SMALL, branch_kind="axis", branch_rank=3).init(jax.random.PRNGKey(0), *graph)
 
 
 def test_permutation_equivariance():

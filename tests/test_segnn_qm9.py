@@ -96,6 +96,27 @@ def test_node_level_message_branch_equals_per_edge_branches(setup):
     assert np.max(np.abs(np.asarray(expected - apply(v, batch, project=True)))) > 1e-3  # branches matter
 
 
+def test_low_rank_branches_break_invariance_and_sum_at_node_level(setup):
+    """branch_rank=2: two rank-2 affine branches; the node-level message branch equals the
+    per-edge sum, and γ ≠ 0 breaks rotation invariance (the projection is the plain SEGNN)."""
+    molecules, batch_of, _, _ = setup
+    kwargs = dict(hidden_irreps="2x0e+1x1o+1x2e", hidden_scalars=4, num_layers=1, lmax_attr=2, branch_rank=2)
+    model, literal = SEGNNQM9(**kwargs), SEGNNQM9(**kwargs, message_branch_per_edge=True)
+    batch = batch_of(molecules)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(3), batch)
+    kernel = variables["params"]["layer_0"]["message_branch"]["down"]["kernel"]
+    assert kernel.shape == (10, 2)  # 2x0e+1x1o+1x2e is 2 + 3 + 5 = 10 numbers wide
+    assert len(ace_jax.named_leaves(variables["gamma"])) == 2
+    apply = jax.jit(model.apply)
+    np.testing.assert_allclose(apply(variables, batch), jax.jit(literal.apply)(variables, batch), rtol=1e-4, atol=1e-5)
+    rotation = np.asarray(ace_jax.random_rotation(jax.random.PRNGKey(6)), np.float64)
+    rotated = apply(variables, batch_of(moved(molecules, lambda x: x @ rotation.T)))
+    full = apply(variables, batch)
+    assert np.max(np.abs(full - rotated)) / np.max(np.abs(full)) > 1e-3
+    with pytest.raises(ValueError, match="branch_rank"):
+        SEGNNQM9(**kwargs, branch_hidden=(4,)).init(jax.random.PRNGKey(0), batch)
+
+
 def test_padding_does_not_leak(setup):
     molecules, batch_of, variables, apply = setup
     together = apply(variables, batch_of(molecules), project=False)
