@@ -62,8 +62,9 @@ molecules, 25 000 steps of 16, 38–39 min for the four runs of a seed), seeds 0
 | mean ± std | 0.1721 ± 0.0028 | 0.1684 ± 0.0035 | |
 
 ACE's mean is lower on both targets, but by less than the spread over seeds (ZPVE by 0.7 %,
-Cv by 2 %); seed 0 alone looked like a clear gain. In these runs γ falls below 2e-3 within the
-first 6 epochs and stays there, so ACE is vanilla SchNet after a short flexible start.
+Cv by 2 %); seed 0 alone looked like a clear gain. In all six ACE runs |γ| is below 5e-3 from
+epoch 6 on (from 0.1 at the end of epoch 0), so ACE is nearly vanilla SchNet after a short
+flexible start.
 
 With 10 000 molecules × 10 epochs and the same κ: ZPVE 0.0198 vs 0.0215, Cv 0.283 vs 0.212
 (ACE behind; γ only settled in the last epochs).
