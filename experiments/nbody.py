@@ -53,6 +53,7 @@ Measured at ``--preset paper`` (SEGNN, fan_in weights, one seed each unless note
 | – | vanilla, ``--seed 1`` | 0.00455 | – | 1984 | 65 min |
 | dense (default) | Adam (``--dual-optimizer adam``, as the public code) | **0.00394** | 0.00419 | 1869 | 76 min |
 | dense (default) | Adam, ``--seed 1`` | **0.00403** | 0.00431 | 1924 | 70 min |
+| dense (default) | Adam, ``--seed 2`` | **0.00391** | 0.00420 | 1974 | 71 min |
 | in_kernel | Adam | 0.00470 | 0.00469 | 1994 | 63 min |
 | dense | plain ascent + PI (``--dual-proportional 10000``) | 0.00438 | 0.00438 | 1939 | 70 min |
 
@@ -76,8 +77,8 @@ rather than as capacity it keeps. With the strong PI term γ falls from 1 to 0 w
 epochs (Adam moves it ~lr per step) and stays at |γ| < 0.07: the run is then a vanilla run, and
 it ends at vanilla level (final |γ| < 2e-3). With plain ascent alone (normal weights) γ also
 oscillates, amplitude 0.3–0.5; PI with κ = 300 damped it to 0 by epoch ~250. The paper's
-3.8e-3 is approached but not reached: over seeds 0 and 1, dense ACE with the Adam dual gives
-0.00399 ± 0.00005 against vanilla's 0.00445 ± 0.00010 (10 % lower).
+3.8e-3 is approached but not reached: over seeds 0, 1 and 2, dense ACE with the Adam dual gives
+0.00396 ± 0.00005 against vanilla's 0.00445 ± 0.00010 (seeds 0 and 1; 11 % lower).
 In-kernel branches (``--branch-kind in_kernel``, the cheap folded kind) give no gain with the
 current model: validation stayed above the dense run's at every point (best 0.00464 against
 0.00416), and test ended above vanilla.

@@ -57,7 +57,7 @@ not carry ACE's gain, though: at the paper's N-body settings (fan_in weights, no
 below, Adam dual, one seed each) ACE trained to test MSE 0.0045 with in-kernel branches, at
 vanilla level (0.0047 / 0.0044, two seeds), while with dense ones its validation MSE stayed
 below vanilla's throughout (0.00429 vs 0.00500 best) and test reached 0.00442; with node
-Y0 = 1 (the current model) dense ACE reaches 0.00394 / 0.00403 (seeds 0 / 1) against vanilla's
+Y0 = 1 (the current model) dense ACE reaches 0.00394 / 0.00403 / 0.00391 (seeds 0 / 1 / 2) against vanilla's
 0.00435 / 0.00455, and in-kernel ACE 0.00470 (seed 0), worse than vanilla (``experiments.nbody``, whose default is
 therefore the dense branch, like this class's).
 ``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`). It
