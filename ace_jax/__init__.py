@@ -25,6 +25,7 @@ from ace_jax.homotopic import (
     Homotopic,
     LowRankBranch,
     MLPBranch,
+    ScaledDense,
     SpectralDense,
     SymmetryBreaking,
     WeightBranch,

@@ -14,7 +14,7 @@ so the projection costs exactly what the equivariant model costs, and initialisi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,13 @@ class SymmetryBreaking(nn.Module):
       branch: the unconstrained map g; any Flax module. Its output may be any pytree;
         every leaf is scaled by γ.
       gamma_init: initial γ (1.0 is the paper's default; 0.0 is an ablation).
+
+    A branch whose class sets ``folds_output_scale = True`` (:class:`MLPBranch`,
+    :class:`LowRankBranch`) is called as ``branch(*args, output_scale=γ)`` and applies γ to
+    its last layer's weights: γ·(h W + b) = h (γW) + γb. Same function, but γ then touches a
+    (d_in, d_out) matrix instead of every output row, so neither the forward product by γ nor
+    the backward reduction ∂L/∂γ = Σ_rows ⟨g, ∂L/∂y⟩ runs over the activations
+    (∂L/∂γ = ⟨W, hᵀ ∂L/∂y⟩ + ⟨b, Σ ∂L/∂y⟩ reuses the weight gradient's product).
     """
 
     branch: nn.Module
@@ -45,6 +52,8 @@ class SymmetryBreaking(nn.Module):
     @nn.compact
     def __call__(self, *args, **kwargs):
         gamma = self.variable(GAMMA, "gamma", lambda: jnp.asarray(self.gamma_init, jnp.float32))
+        if getattr(self.branch, "folds_output_scale", False):
+            return self.branch(*args, output_scale=gamma.value, **kwargs)
         out = self.branch(*args, **kwargs)
         return jax.tree.map(lambda y: gamma.value.astype(y.dtype) * y, out)
 
@@ -127,13 +136,39 @@ class SpectralDense(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, scale=None):
+        """``x`` (..., d_in) → (..., features); ``scale`` (a scalar) multiplies the output,
+        applied to the normalised kernel and the bias rather than to the output rows."""
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         kernel = spectral_normalize(kernel, self.num_iterations)
-        y = x @ kernel.astype(x.dtype)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
-        return y
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return _affine(x, kernel, bias, scale)
+
+
+class ScaledDense(nn.Module):
+    """``nn.Dense`` (same parameters, names and initialisers) whose call takes an optional
+    scalar ``scale`` of the output, folded into the kernel and bias: s·(x W + b) = x (sW) + sb.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, scale=None):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return _affine(x, kernel, bias, scale)
+
+
+def _affine(x, kernel, bias, scale):
+    """``scale · (x W + b)`` with the scale applied to W and b (any of bias / scale may be None)."""
+    if scale is not None:
+        scale = jnp.asarray(scale, kernel.dtype)
+        kernel = scale * kernel
+        bias = None if bias is None else scale * bias
+    y = x @ kernel.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 class MLPBranch(nn.Module):
@@ -155,12 +190,19 @@ class MLPBranch(nn.Module):
     spectral: bool = False
     activation: Callable = nn.silu
 
+    folds_output_scale: ClassVar[bool] = True  # see SymmetryBreaking
+
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, output_scale=None):
+        """``x`` (..., d_in) → (..., features); ``output_scale`` s gives s·g(x), with s applied
+        to the last layer's weights. Parameters are named as for ``nn.Dense`` layers in order
+        (``Dense_0``, ``Dense_1``, … or ``SpectralDense_k``)."""
         dense = SpectralDense if self.spectral else nn.Dense
         for width in self.hidden:
             x = self.activation(dense(width)(x))
-        return dense(self.features)(x)
+        last = SpectralDense if self.spectral else ScaledDense
+        name = f"{'SpectralDense' if self.spectral else 'Dense'}_{len(tuple(self.hidden))}"
+        return last(self.features, name=name)(x, output_scale)
 
 
 class LowRankBranch(nn.Module):
@@ -183,12 +225,16 @@ class LowRankBranch(nn.Module):
     spectral: bool = False
     use_bias: bool = True
 
+    folds_output_scale: ClassVar[bool] = True  # see SymmetryBreaking
+
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, output_scale=None):
+        """``x`` (..., d_in) → (..., features); ``output_scale`` s gives s·g(x) (s applied to V, b)."""
         if self.rank < 1:
             raise ValueError(f"LowRankBranch rank must be >= 1, got {self.rank}")
-        dense = SpectralDense if self.spectral else nn.Dense
-        return dense(self.features, use_bias=self.use_bias, name="up")(dense(self.rank, use_bias=False, name="down")(x))
+        dense = SpectralDense if self.spectral else ScaledDense
+        z = dense(self.rank, use_bias=False, name="down")(x)
+        return dense(self.features, use_bias=self.use_bias, name="up")(z, output_scale)
 
 
 class AxisMixBranch(nn.Module):

@@ -110,8 +110,8 @@ METHODS = ("vanilla", "ace", "ace-resilient", "unconstrained", "scheduled", "pen
 MODELS = ("segnn", "egnn")
 # SEGNN's ACE branches unless --branch-kind says otherwise: the paper's Dense branch on each
 # block's flattened output. At paper settings it is the branch with which ACE beats vanilla
-# (module docstring); the in-kernel branch is cheaper (1.08x the vanilla step against 1.22x,
-# quiet 2-core CPU) but gave no gain over vanilla.
+# (module docstring); the in-kernel branch is cheaper (1.08x the vanilla step against
+# 1.22-1.29x, quiet 2-core CPU) but gave no gain over vanilla.
 DEFAULT_SEGNN_BRANCH = "dense"
 METRIC = "mse"
 # Which model each method deploys (selection and the table's headline column).

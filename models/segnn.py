@@ -60,13 +60,17 @@ below vanilla's throughout (0.00429 vs 0.00500 best) and test reached 0.00442; w
 Y0 = 1 (the current model) dense ACE reaches 0.00394 / 0.00403 / 0.00391 (seeds 0 / 1 / 2) against vanilla's
 0.00435 / 0.00455, and in-kernel ACE 0.00470 (seed 0), worse than vanilla (``experiments.nbody``, whose default is
 therefore the dense branch, like this class's).
-``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`). It
-does not pay off here: quiet 2-core CPU, 200 interleaved steps, vanilla 31.1 ms, dense ACE
-39.2 ms (1.26×), rank-16 ACE 46.6 ms (1.50×); an earlier, noisier benchmark and a separate
-interleaved script also gave 1.5× (one reordered script run had the two level), although in isolation the rank-16 branch's forward + backward on (500, 128) rows costs 0.27–0.35
-ms against 0.73–0.87 ms for the dense one; the chained small products cost more inside the
-vmapped step than the single 128×128 one (not analysed further). The QM9 SEGNN, with 324-wide
-features, does gain from it (models/segnn_qm9.py).
+``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`).
+Quiet 2-core CPU, interleaved (``experiments.benchmark --models segnn,segnn_rank16 --methods
+vanilla,ace --steps 200`` and an A/B script): rank-16 ACE 1.19–1.20× the vanilla step, dense ACE 1.22–1.29×.
+An earlier 1.50× for rank 16 was the allocator, not the branch: that step's scratch memory
+(32.9 MiB) crossed glibc's 32 MiB mmap threshold, so every step faulted in 33 MiB of fresh
+pages (5418 faults per step; experiments/benchmark.py). With γ folded into the branch weights
+the scratch is 31.2 MiB (dense: 30.2 MiB, vanilla: 29.4 MiB) and the faults are gone. What
+remains is the branch work itself: single-core profile of the dense ACE step, its three
+500×128×128 products per branch take about 0.75 ms, 6 ms for the eight branches, about 12 %
+of the vanilla step. The QM9 SEGNN, with 324-wide features, gains more from low rank
+(models/segnn_qm9.py).
 
 Speed (CPU, XLA): the graph is handled densely as an (N, N−1) grid of edges; sender values
 come from a static index table (measured about 2× faster per training step than a full N × N

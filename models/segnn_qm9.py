@@ -42,7 +42,9 @@ default width (324 numbers per node) the two full 324×324 branches of a layer a
 of the ACE step; measured (``python -m experiments.benchmark --models segnn_qm9,segnn_qm9_rank16
 --methods vanilla,ace --steps 200``, 32 molecules, quiet 2-core CPU, interleaved medians):
 full-rank ACE 408 ms against vanilla 362 ms (1.13×; 1.83 M parameters against 0.78 M), rank 16
-315 ms against 297 ms (1.06×; 0.88 M parameters).
+315 ms against 297 ms (1.06×; 0.88 M parameters). With γ folded into the branch weights
+(``--steps 100``, a slower day for the machine): full rank 416 against 392 ms (1.06×), rank 16
+421 against 412 ms (1.02×).
 
 Masks: padding edges never send messages (their messages are multiplied by ``edge_mask``),
 padding nodes are excluded from the instance-norm statistics and from pooling, and the

@@ -11,6 +11,7 @@ from ace_jax import (
     Homotopic,
     LowRankBranch,
     MLPBranch,
+    ScaledDense,
     SpectralDense,
     SymmetryBreaking,
     WeightBranch,
@@ -164,6 +165,38 @@ def test_summed_affine_branch_equals_the_per_edge_sum():
     total, count = jnp.sum(messages * mask, axis=1), jnp.sum(mask, axis=1)
     np.testing.assert_allclose(summed_affine_branch(g, total, count), per_edge, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(summed_affine_branch(g, total, count)[2], 0.0)
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [MLPBranch(5), MLPBranch(5, hidden=(8,)), MLPBranch(5, hidden=(8,), spectral=True), LowRankBranch(5, 3),
+     LowRankBranch(5, 2, spectral=True)],
+    ids=["linear", "mlp", "spectral-mlp", "low-rank", "spectral-low-rank"],
+)
+def test_gamma_folded_into_the_last_layer_is_gamma_times_the_branch(branch):
+    """SymmetryBreaking folds γ into the weights of these branches: the value is still γ·g(x)
+    and ∂L/∂γ is still ⟨g(x), ∂L/∂y⟩ (hand-derived: L = Σ sin(γ g) gives Σ g cos(γ g))."""
+    assert branch.folds_output_scale
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 4))
+    sb = SymmetryBreaking(branch, gamma_init=0.7)
+    v = sb.init(jax.random.PRNGKey(1), x)
+    v = jax.tree_util.tree_map_with_path(  # non-zero biases, so that their scaling is checked too
+        lambda path, leaf: jnp.full_like(leaf, 0.3) if "bias" in jax.tree_util.keystr(path) else leaf, v
+    )
+    g = branch.apply({"params": v["params"]["branch"]}, x)  # the branch alone, unscaled
+    np.testing.assert_allclose(sb.apply(v, x), 0.7 * g, rtol=1e-5, atol=1e-6)
+    d_gamma = jax.grad(lambda v: jnp.sum(jnp.sin(sb.apply(v, x))))(v)[GAMMA]["gamma"]
+    np.testing.assert_allclose(d_gamma, jnp.sum(g * jnp.cos(0.7 * g)), rtol=1e-4)
+
+
+def test_scaled_dense_is_nn_dense_with_a_scaled_output():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 6))
+    ref = nn.Dense(4)
+    v = ref.init(jax.random.PRNGKey(1), x)
+    v = {"params": {**v["params"], "bias": jnp.arange(4.0)}}
+    np.testing.assert_allclose(ScaledDense(4).apply(v, x), ref.apply(v, x), rtol=1e-6)
+    np.testing.assert_allclose(ScaledDense(4).apply(v, x, -2.5), -2.5 * ref.apply(v, x), rtol=1e-5, atol=1e-6)
+    assert jax.tree.map(jnp.shape, ScaledDense(4).init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, v)
 
 
 def test_low_rank_branch_is_an_affine_map_of_bounded_rank():
