@@ -43,7 +43,10 @@ class SymmetryBreaking(nn.Module):
     its last layer's weights: γ·(h W + b) = h (γW) + γb. Same function, but γ then touches a
     (d_in, d_out) matrix instead of every output row, so neither the forward product by γ nor
     the backward reduction ∂L/∂γ = Σ_rows ⟨g, ∂L/∂y⟩ runs over the activations
-    (∂L/∂γ = ⟨W, hᵀ ∂L/∂y⟩ + ⟨b, Σ ∂L/∂y⟩ reuses the weight gradient's product).
+    (∂L/∂γ = ⟨W, hᵀ ∂L/∂y⟩ + ⟨b, Σ ∂L/∂y⟩ reuses the weight gradient's product). Measured on
+    the N-body SEGNN ACE step (2-core CPU): scratch memory 31.6 → 30.2 MiB with Linear
+    branches, 32.9 → 31.2 MiB with rank-16 ones; the step time moved by less than the
+    machine's run-to-run noise (a few %).
     """
 
     branch: nn.Module
