@@ -78,7 +78,8 @@ epochs (Adam moves it ~lr per step) and stays at |γ| < 0.07: the run is then a 
 it ends at vanilla level (final |γ| < 2e-3). With plain ascent alone (normal weights) γ also
 oscillates, amplitude 0.3–0.5; PI with κ = 300 damped it to 0 by epoch ~250. The paper's
 3.8e-3 is approached but not reached: over seeds 0, 1 and 2, dense ACE with the Adam dual gives
-0.00396 ± 0.00005 against vanilla's 0.00445 ± 0.00010 (seeds 0 and 1; 11 % lower).
+0.00396 ± 0.00005 against vanilla's 0.00446 ± 0.00008 (0.00435 / 0.00455 / 0.00447; 11 % lower).
+Rank-16 branches (``--branch-rank 16``, seed 0) give 0.00415, between the two.
 In-kernel branches (``--branch-kind in_kernel``, the cheap folded kind) give no gain with the
 current model: validation stayed above the dense run's at every point (best 0.00464 against
 0.00416), and test ended above vanilla.
