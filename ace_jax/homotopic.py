@@ -200,12 +200,11 @@ class MLPBranch(nn.Module):
         """``x`` (..., d_in) → (..., features); ``output_scale`` s gives s·g(x), with s applied
         to the last layer's weights. Parameters are named as for ``nn.Dense`` layers in order
         (``Dense_0``, ``Dense_1``, … or ``SpectralDense_k``)."""
-        dense = SpectralDense if self.spectral else nn.Dense
-        for width in self.hidden:
-            x = self.activation(dense(width)(x))
-        last = SpectralDense if self.spectral else ScaledDense
-        name = f"{'SpectralDense' if self.spectral else 'Dense'}_{len(tuple(self.hidden))}"
-        return last(self.features, name=name)(x, output_scale)
+        dense = SpectralDense if self.spectral else ScaledDense
+        prefix = "SpectralDense" if self.spectral else "Dense"  # the names nn.Dense layers had
+        for i, width in enumerate(self.hidden):
+            x = self.activation(dense(width, name=f"{prefix}_{i}")(x))
+        return dense(self.features, name=f"{prefix}_{len(tuple(self.hidden))}")(x, output_scale)
 
 
 class LowRankBranch(nn.Module):
