@@ -68,6 +68,25 @@ flexible start.
 
 With 10 000 molecules × 10 epochs and the same κ: ZPVE 0.0198 vs 0.0215, Cv 0.283 vs 0.212
 (ACE behind; γ only settled in the last epochs).
+
+Without a learning-rate decay the validation MAE jumps by up to 2× between epochs, so which epoch
+gets selected adds much of the spread over seeds. Next, the same runs with a decay: ``--preset quick
+--targets zpve,Cv --methods vanilla|ace --num-molecules 20000 --epochs 25 --lr-decay-at 0.8,0.9
+[--dual-proportional 1000] --seed 0|3 --seeds 3``. The primal rate is × 0.1 at 80 % and 90 % of the
+steps, and the best epoch is then 22–24 of 25. Each run used one core with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; vanilla took 417–476 s per run and ACE 437–498 s.
+
+| target | vanilla (seeds 0–5) | ACE projection | paired ACE − vanilla | ACE better |
+|---|---|---|---|---|
+| ZPVE (eV) | 0.00808 ± 0.00032 | 0.00795 ± 0.00033 | −1.5 % (t = −1.2) | 4 of 6 seeds |
+| Cv (cal/mol K) | 0.1314 ± 0.0030 | 0.1288 ± 0.0025 | −2.0 % (t = −1.9) | 4 of 6 seeds |
+
+- Against the runs without decay above, the decay lowers the MAE by a third (ZPVE) and a quarter (Cv).
+- ACE's mean stays below vanilla's on both targets, but not significantly: |t| < 2.6, the
+  two-sided 5 % level for 5 degrees of freedom.
+- The full model equals the projection to 4 digits (final |γ| ≤ 3e-4).
+- With κ = 100 and dual step 1e-3 instead (no decay, seed 0), γ swung by up to 0.86 either
+  side of 0 for 12 epochs, and ZPVE ended at 0.01283, against vanilla's 0.01142.
 """
 
 from __future__ import annotations
@@ -561,7 +580,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "examples_per_step": "examples_per_step", "learning_rate": "learning_rate",
         "dual_learning_rate": "dual_learning_rate", "features": "features", "interactions": "num_interactions",
         "parameterization": "parameterization", "dual_proportional": "dual_proportional",
-        "branch_rank": "branch_rank",
+        "branch_rank": "branch_rank", "lr_decay_at": "lr_decay_at",
     }
     overrides = {field: getattr(args, arg) for arg, field in cli_fields.items() if getattr(args, arg) is not None}
     settings = dataclasses.replace(settings, **overrides)
@@ -635,6 +654,19 @@ def run_study(args: argparse.Namespace) -> dict:
     return results
 
 
+def parse_decay_fractions(text: str) -> tuple[float, ...]:
+    """``"0.8,0.9"`` → (0.8, 0.9); ``"none"`` → (): the ``--lr-decay-at`` option."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        fractions = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions or 'none', got {text!r}") from None
+    if not all(0 < f < 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"decay fractions must lie in (0, 1), got {text!r}")
+    return fractions
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_study_args(parser, PRESETS)
@@ -648,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--examples-per-step", type=int, default=None, help="padded batches per optimiser step")
     parser.add_argument("--learning-rate", type=float, default=None, help="Adam step size (default: preset)")
     parser.add_argument("--dual-learning-rate", type=float, default=None, help="dual ascent step (default: preset)")
+    parser.add_argument("--lr-decay-at", type=parse_decay_fractions, default=None,
+                        help="comma-separated fractions of the training steps at which the primal learning rate is "
+                             "multiplied by 0.1, e.g. 0.8,0.9; 'none' for a constant rate (default: preset)")
     parser.add_argument("--dual-proportional", type=float, default=None,
                         help="gain of the dual's proportional (PI) term; damps the γ–λ oscillation (default: 0)")
     parser.add_argument("--features", type=int, default=None, help="SchNet width / SEGNN hidden scalars")

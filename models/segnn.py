@@ -63,6 +63,11 @@ therefore the dense branch, like this class's).
 ``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`).
 Quiet 2-core CPU, interleaved (``experiments.benchmark --models segnn,segnn_rank16 --methods
 vanilla,ace --steps 200`` and an A/B script): rank-16 ACE 1.19–1.20× the vanilla step, dense ACE 1.22–1.29×.
+The same benchmark pinned to one core (``taskset -c 0``) gives 1.09× (rank 16) and 1.12× (dense):
+vanilla 53.9 / 52.4 ms, ACE 58.7 / 58.8 ms. With both cores vanilla drops to 34.7–35.1 ms (1.5×
+faster) but ACE only to 41.8 / 42.8 ms: the work ACE adds does not share in the second core's
+speed-up. Where the branch sits is not the reason: a prototype whose branches read the layer's
+input (so XLA could run them beside the block's products) measured 1.21× against 1.23×.
 An earlier 1.50× for rank 16 was the allocator, not the branch: that step's scratch memory
 (32.9 MiB) crossed glibc's 32 MiB mmap threshold, so every step faulted in 33 MiB of fresh
 pages (5418 faults per step; experiments/benchmark.py). With γ folded into the branch weights

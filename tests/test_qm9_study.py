@@ -103,6 +103,33 @@ def test_step_decay_schedule():
     assert study.step_decay_schedule(1e-3, 100, ()) is None
 
 
+def test_lr_decay_option_parses_and_reaches_training(tmp_path):
+    import argparse
+
+    assert study.parse_decay_fractions("0.8,0.9") == (0.8, 0.9)
+    assert study.parse_decay_fractions("none") == ()
+    for bad in ("0.8,1.2", "0", "half"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            study.parse_decay_fractions(bad)
+
+    def train_losses(decay):
+        out = tmp_path / f"decay{decay}"
+        study.main([
+            "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "3", "--targets", "zpve",
+            "--methods", "vanilla", "--features", "8", "--interactions", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--lr-decay-at", decay,
+        ])
+        config = json.loads((out / "results.json").read_text())["config"]
+        log = (out / "runs" / "zpve" / "vanilla" / "seed0" / "log.jsonl").read_text().splitlines()
+        return config["lr_decay_at"], [json.loads(line)["train_loss"] for line in log]
+
+    constant, decayed = train_losses("none"), train_losses("0.3")
+    assert constant[0] == [] and decayed[0] == [0.3]
+    # Same seed, so the first epoch (before the decay at 30 % of the steps) is identical; later ones differ.
+    assert constant[1][0] == pytest.approx(decayed[1][0], rel=1e-6)
+    assert constant[1][2] != pytest.approx(decayed[1][2], rel=1e-6)
+
+
 def test_tiny_study_writes_results_schema(tmp_path):
     out = tmp_path / "qm9"
     study.main([
