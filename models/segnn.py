@@ -68,6 +68,13 @@ vanilla 53.9 / 52.4 ms, ACE 58.7 / 58.8 ms. With both cores vanilla drops to 34.
 faster) but ACE only to 41.8 / 42.8 ms: the work ACE adds does not share in the second core's
 speed-up. Where the branch sits is not the reason: a prototype whose branches read the layer's
 input (so XLA could run them beside the block's products) measured 1.21× against 1.23×.
+Nor is it the rest of the Lagrangian step: timed interleaved on 2 cores (vanilla 24.4 ms), ACE
+took 30.5 ms; ACE without the dual update (γ still learned) 30.5 ms; with γ fixed, no dual,
+branches still evaluated and trained, 30.1 ms; ACE without the step's NaN guard 31.6 ms (vanilla
+without it 24.1 ms). Moving the optimizer updates into a ``lax.cond`` on the finiteness flag
+instead of selecting every leaf made ACE slower (1.33× against 1.26× in one run). So the
+overhead is the branches' own products (forward and both backward products), not the dual,
+the γ gradients or the guard.
 An earlier 1.50× for rank 16 was the allocator, not the branch: that step's scratch memory
 (32.9 MiB) crossed glibc's 32 MiB mmap threshold, so every step faulted in 33 MiB of fresh
 pages (5418 faults per step; experiments/benchmark.py). With γ folded into the branch weights

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.modelnet import METRICS, Preset, accuracies, drop_points_jax, main, run_study, subset_classes
+from experiments.modelnet import (
+    METRICS, Preset, accuracies, drop_points_jax, drop_points_to_first_jax, main, make_task, run_study, subset_classes,
+)
 
 
 def tiny_preset(**changes) -> Preset:
@@ -36,6 +38,58 @@ def test_drop_points_jax_keeps_shape_and_only_kept_points():
     np.testing.assert_array_equal(drop_points_jax(jax.random.PRNGKey(0), points, 0.0), points)
     with pytest.raises(ValueError, match="fraction"):
         drop_points_jax(jax.random.PRNGKey(0), points, 1.0)
+
+
+def test_drop_points_to_first_moves_points_onto_the_first_one():
+    points = jnp.asarray(np.random.default_rng(0).normal(size=(64, 3)), jnp.float32)
+    original = np.asarray(points)
+    fractions = []
+    for seed in range(200):
+        out = np.asarray(drop_points_to_first_jax(jax.random.PRNGKey(seed), points, 0.8))
+        assert out.shape == (64, 3)
+        kept = (out == original).all(-1)
+        moved = (out == original[0]).all(-1)
+        assert (kept | moved).all()  # each slot holds its own point or a copy of the first
+        np.testing.assert_array_equal(out[0], original[0])
+        fractions.append(1.0 - kept.mean())
+    # r ~ U(0, 0.8), each point dropped with probability r: E[fraction] = 0.4, spread over [0, 0.8].
+    assert np.mean(fractions) == pytest.approx(0.4, abs=0.03)
+    assert min(fractions) < 0.1 and 0.7 < max(fractions) <= 0.8 + 0.15
+    # The rule commutes with rotations (same key): the dropout study's order of rotate-then-drop
+    # does not matter.
+    rotation = jnp.asarray(np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0], jnp.float32)
+    key = jax.random.PRNGKey(7)
+    rotated_first = drop_points_to_first_jax(key, points @ rotation.T, 0.8)
+    np.testing.assert_allclose(rotated_first, drop_points_to_first_jax(key, points, 0.8) @ rotation.T, atol=1e-6)
+    np.testing.assert_array_equal(drop_points_to_first_jax(key, points, 0.0), points)
+    with pytest.raises(ValueError, match="max drop fraction"):
+        drop_points_to_first_jax(key, points, 1.0)
+    with pytest.raises(ValueError, match="one cloud"):
+        drop_points_to_first_jax(key, points[None], 0.5)
+
+
+def test_dropout_rule_reaches_the_loss_and_is_validated(tmp_path):
+    from models.vn_dgcnn import VNDGCNN, init_variables
+
+    # A rotation-invariant model sees only the dropout, so two rules give different losses for
+    # one key and the same loss without dropout.
+    model = VNDGCNN(num_classes=2, k=4, width=1, head_hidden=(4,))
+    cloud = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
+    variables = init_variables(model, jax.random.PRNGKey(0), 16)
+    example = {"points": cloud, "label": jnp.asarray(1)}
+
+    def loss(fraction, rule):
+        task = make_task(model, 16, fraction, 0.2, rule)
+        return float(task.loss(variables, example, jax.random.PRNGKey(3), True))
+
+    assert loss(0.0, "refill") == pytest.approx(loss(0.0, "first-point"), abs=1e-6)
+    assert loss(0.75, "refill") != pytest.approx(loss(0.75, "first-point"), abs=1e-6)
+    with pytest.raises(ValueError, match="dropout_rule"):
+        make_task(model, 16, 0.5, 0.2, "nonsense")
+    with pytest.raises(ValueError, match="dropout_rule"):
+        tiny_preset(dropout_rule="nonsense")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--dropout-rule", "nonsense"])
 
 
 def test_accuracies_hand_values():

@@ -131,12 +131,13 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     assert set(results) == {"config", "methods"}
     assert results["config"]["epochs"] == 1 and results["config"]["model"] == "egnn"
     assert set(results["methods"]) == {"ace-resilient"}
-    keys = {"test_mse_projection", "test_mse_full", "best_epoch", "seeds", "final_gammas", "final_multipliers",
-            "final_slacks", "wall_s"}
+    keys = {"test_mse_projection", "test_mse_full", "test_mse_projection_per_seed", "test_mse_full_per_seed",
+            "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "wall_s"}
     for name, entry in results["methods"].items():
         assert set(entry) == keys, name
         for key in ("test_mse_projection", "test_mse_full"):
             assert set(entry[key]) == {"mean", "std"} and entry[key]["mean"] > 0
+            assert entry[f"{key}_per_seed"] == [pytest.approx(entry[key]["mean"])]  # one seed: its value is the mean
         assert entry["seeds"] == [0] and entry["best_epoch"] == [0] and entry["wall_s"] > 0
         assert len(entry["final_gammas"][0]) == 1  # one layer: only the coordinate branch
         assert (out / name / "seed0" / "log.jsonl").exists()
