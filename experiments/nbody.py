@@ -93,12 +93,18 @@ other on one core per method; about 0.7 s per epoch for vanilla, 0.8 s for ACE):
 | ACE, Adam dual | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s |
 
 Vanilla matches the paper's EGNN (7.1e-3). ACE is worse on seed 0, 13 % better on seed 1 and
-fails on seed 2. With every γ at 1 the seed-2 network starts far off (training loss 474 in the
-first epoch, against 4.4 and 2.9 for seeds 0 and 1). Adam moves λ at a near-constant rate
-whatever the violation, so the λ of the branches that the loss keeps using ramp up for
-hundreds of epochs and then throw their γ through zero. The swings grow: layer 1's
-coordinate γ reaches −2.0 by epoch 350 and ends at −3.2, and the projection never recovers
-(best validation 0.089 at epoch 474). In seeds 0 and 1 the final |γ| ≤ 0.35.
+fails on seed 2. Seed 2 does not start worse: at initialisation the full model's training MSE is
+9.3, against 11.6 / 6.8 for seeds 0 / 1. But its first epoch averages 474 (4.4 / 2.9), and then γ
+and λ swing with growing amplitude: layer 0's feature γ reaches −2.0 by epoch 350, and layer 1's
+coordinate γ ends at −3.2. The projection never recovers (best validation 0.089, epoch 474). In seeds 0 and 1 the
+final |γ| ≤ 0.35.
+The Adam dual is not the cause. Seed 2 with plain ascent (``--dual-optimizer ascent``, the
+preset's default) swings the same way (|γ| up to 3.5; best projection validation 0.071,
+epoch 609). By epoch ~650 the network has blown up (training loss ~1e29), and at epoch 1882
+a non-finite gradient stopped the run with the engine's error (last good checkpoint kept).
+So on EGNN the branches as built here (Linear on raw coordinates and features, γ = 1) make
+training unstable for some initialisations. The paper reports no EGNN + ACE number.
+
 Quick preset (``--preset quick``, plain ascent, smoke size; 121 s): vanilla 0.00798, ACE
 projection 0.00933 (full 0.0121) with the current model and default dense branches; earlier
 model 0.00858 vs 0.0113 (in-kernel) / 0.0124 (dense).

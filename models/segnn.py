@@ -74,7 +74,11 @@ branches still evaluated and trained, 30.1 ms; ACE without the step's NaN guard 
 without it 24.1 ms). Moving the optimizer updates into a ``lax.cond`` on the finiteness flag
 instead of selecting every leaf made ACE slower (1.33× against 1.26× in one run). So the
 overhead is the branches' own products (forward and both backward products), not the dual,
-the γ gradients or the guard.
+the γ gradients or the guard. XLA CPU flags do not change that. Without YNNPACK fusions
+(``--xla_cpu_experimental_ynn_fusion_type=``) ACE ran at 1.21×; without both XNNPACK and
+YNNPACK fusions at 1.19×, and with the concurrency-optimised scheduler at 1.20×. The last two
+slow vanilla from 24 to 45 ms. ``--xla_cpu_use_xnnpack=false`` gave 1.22×, against 1.23× with
+the defaults.
 An earlier 1.50× for rank 16 was the allocator, not the branch: that step's scratch memory
 (32.9 MiB) crossed glibc's 32 MiB mmap threshold, so every step faulted in 33 MiB of fresh
 pages (5418 faults per step; experiments/benchmark.py). With γ folded into the branch weights
