@@ -96,8 +96,8 @@ Vanilla matches the paper's EGNN (7.1e-3). ACE is worse on seed 0, 13 % better o
 fails on seed 2. Seed 2 does not start worse: at initialisation the full model's training MSE is
 9.3, against 11.6 / 6.8 for seeds 0 / 1. But its first epoch averages 474 (4.4 / 2.9), and then γ
 and λ swing with growing amplitude: layer 0's feature γ reaches −2.0 by epoch 350, and layer 1's
-coordinate γ ends at −3.2. The projection never recovers (best validation 0.089, epoch 474). In seeds 0 and 1 the
-final |γ| ≤ 0.35.
+coordinate γ ends at −3.2. The projection never recovers (best validation 0.089, epoch 474).
+In seeds 0 and 1 the final |γ| ≤ 0.35.
 The Adam dual is not the cause. Seed 2 with plain ascent (``--dual-optimizer ascent``, the
 preset's default) swings the same way (|γ| up to 3.5; best projection validation 0.071,
 epoch 609). By epoch ~650 the network has blown up (training loss ~1e29), and at epoch 1882

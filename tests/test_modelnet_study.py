@@ -71,8 +71,8 @@ def test_drop_points_to_first_moves_points_onto_the_first_one():
 def test_dropout_rule_reaches_the_loss_and_is_validated(tmp_path):
     from models.vn_dgcnn import VNDGCNN, init_variables
 
-    # A rotation-invariant model sees only the dropout, so two rules give different losses for
-    # one key and the same loss without dropout.
+    # Same key, so the same rotation: without dropout the two rules give the same loss, with
+    # dropout they damage the cloud differently.
     model = VNDGCNN(num_classes=2, k=4, width=1, head_hidden=(4,))
     cloud = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
     variables = init_variables(model, jax.random.PRNGKey(0), 16)
