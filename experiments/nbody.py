@@ -102,8 +102,12 @@ The Adam dual is not the cause. Seed 2 with plain ascent (``--dual-optimizer asc
 preset's default) swings the same way (|γ| up to 3.5; best projection validation 0.071,
 epoch 609). By epoch ~650 the network has blown up (training loss ~1e29), and at epoch 1882
 a non-finite gradient stopped the run with the engine's error (last good checkpoint kept).
-So on EGNN the branches as built here (Linear on raw coordinates and features, γ = 1) make
-training unstable for some initialisations. The paper reports no EGNN + ACE number.
+Damping the ascent with the PI term (``--dual-optimizer ascent --dual-proportional 1000``) made it
+worse. Seed 0's training loss exceeded 1e3 from epoch 550, after a best projection validation of
+0.042 at epoch 479; seed 2's blew up at epoch 242 (best 0.216). Both runs were stopped, at epochs
+721 and 488. So on EGNN the branches as built here (Linear on raw coordinates and features,
+γ = 1) make training unstable; only the Adam dual trained two of three seeds. The paper reports
+no EGNN + ACE number.
 
 Quick preset (``--preset quick``, plain ascent, smoke size; 121 s): vanilla 0.00798, ACE
 projection 0.00933 (full 0.0121) with the current model and default dense branches; earlier
