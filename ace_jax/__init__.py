@@ -29,6 +29,7 @@ from ace_jax.homotopic import (
     SpectralDense,
     SymmetryBreaking,
     WeightBranch,
+    branch_output_init,
     gammas,
     named_leaves,
     projected_variables,

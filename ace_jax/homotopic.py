@@ -174,6 +174,20 @@ def _affine(x, kernel, bias, scale):
     return y if bias is None else y + bias.astype(x.dtype)
 
 
+def branch_output_init(scale: float) -> Callable:
+    """Initialiser for a branch's last kernel: normal (truncated) with variance ``scale / fan_in``.
+
+    ``scale = 1`` is LeCun normal (the default of every branch layer); ``scale = 0`` gives a zero
+    kernel, so with a zero bias the branch starts at g = 0. A branch fed raw coordinates at
+    γ = 1 otherwise starts as large as the equivariant path it perturbs.
+    """
+    if not scale >= 0.0:
+        raise ValueError(f"branch_init_scale must be >= 0, got {scale}")
+    if scale == 0.0:
+        return nn.initializers.zeros
+    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
 class MLPBranch(nn.Module):
     """A plain breaking branch g acting on the last axis: Dense layers with an activation.
 
@@ -186,12 +200,16 @@ class MLPBranch(nn.Module):
       hidden: sizes of hidden layers.
       spectral: spectrally normalise every layer (1-Lipschitz branch up to activations).
       activation: nonlinearity between layers.
+      output_kernel_init: initialiser of the last layer's kernel (None = LeCun normal, as
+        every other layer). A small one starts the branch near g = 0, so ``γ·g`` cannot swamp
+        the equivariant path at γ = 1 while ∂L/∂W = γ·(…) still lets the branch grow.
     """
 
     features: int
     hidden: Sequence[int] = ()
     spectral: bool = False
     activation: Callable = nn.silu
+    output_kernel_init: Callable | None = None
 
     folds_output_scale: ClassVar[bool] = True  # see SymmetryBreaking
 
@@ -204,7 +222,8 @@ class MLPBranch(nn.Module):
         prefix = "SpectralDense" if self.spectral else "Dense"  # the names nn.Dense layers had
         for i, width in enumerate(self.hidden):
             x = self.activation(dense(width, name=f"{prefix}_{i}")(x))
-        return dense(self.features, name=f"{prefix}_{len(tuple(self.hidden))}")(x, output_scale)
+        last = {} if self.output_kernel_init is None else {"kernel_init": self.output_kernel_init}
+        return dense(self.features, name=f"{prefix}_{len(tuple(self.hidden))}", **last)(x, output_scale)
 
 
 class LowRankBranch(nn.Module):

@@ -323,14 +323,15 @@ def smoothed_cross_entropy(logits: jax.Array, label: jax.Array, smoothing: float
 
 
 def make_task(
-    model: VNDGCNN, num_points: int, dropout: float = 0.0, label_smoothing: float = 0.2, dropout_rule: str = "refill",
+    model: VNDGCNN, num_points: int, dropout: float = 0.0, label_smoothing: float = 0.2,
+    dropout_rule: str = "first-point",
 ) -> Task:
     """The engine's view: one example is ``{"points": (P, 3), "label": ()}``.
 
     loss: random SO(3) rotation (and point dropout by ``dropout_rule`` if ``dropout > 0``:
-    ``"refill"`` drops the fraction ``dropout`` (:func:`drop_points_jax`), ``"first-point"``
-    up to it (:func:`drop_points_to_first_jax`)) from the example's key, then smoothed cross
-    entropy. metric: ``{"accuracy", "loss"}`` (plain cross
+    ``"first-point"``, the default as in every Preset, drops up to the fraction ``dropout``
+    (:func:`drop_points_to_first_jax`), ``"refill"`` exactly it (:func:`drop_points_jax`))
+    from the example's key, then smoothed cross entropy. metric: ``{"accuracy", "loss"}`` (plain cross
     entropy) on the example as given. transform: a random rotation of the points.
     """
     if not 0.0 <= dropout < 1.0:

@@ -36,7 +36,7 @@ CLI::
         [--methods a,b] [--seeds N] [--epochs N] [--train-size N] [--field E]
         [--dual-optimizer ascent|adam] [--dual-proportional K] [--vmap-seeds] [--spectral-branch auto|on|off]
         [--branch-kind dense|axis|in_kernel] [--branch-rank R] [--parameterization fan_in|normal]
-        [--cache-dir DIR] [--seed S] [--no-progress]
+        [--branch-init-scale S] [--cache-dir DIR] [--seed S] [--no-progress]
 
 Writes DIR/results.json (schema in :func:`method_summary`), DIR/table.md, DIR/val_curves.png,
 DIR/trajectories_<method>.png (γ/λ/u of the first seed) and per run DIR/<method>/seed<k>/
@@ -84,30 +84,29 @@ In-kernel branches (``--branch-kind in_kernel``, the cheap folded kind) give no 
 current model: validation stayed above the dense run's at every point (best 0.00464 against
 0.00416), and test ended above vanilla.
 
-EGNN at ``--preset paper`` (``--model egnn --dual-optimizer adam``, seeds 0–2 run one after the
-other on one core per method; about 0.7 s per epoch for vanilla, 0.8 s for ACE):
+EGNN at ``--preset paper`` (``--model egnn --dual-optimizer adam``, one core per run; about
+0.7–0.8 s per epoch for either method):
 
-| method | projection test MSE, seeds 0 / 1 / 2 | mean ± std | full model | best epochs | wall, 3 seeds |
+| method | projection test MSE, seeds 0 / 1 / 2 | mean ± std | full model | best epochs | wall |
 |---|---|---|---|---|---|
-| vanilla | 0.00697 / 0.00733 / 0.00707 | **0.00712 ± 0.00015** | – | 219, 1914, 1834 | 4424 s |
-| ACE, Adam dual | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s |
+| vanilla | 0.00697 / 0.00733 / 0.00707 | 0.00712 ± 0.00015 | – | 219, 1914, 1834 | 4424 s (3 seeds) |
+| ACE, Adam dual (branch init scale 0.01, the default) | 0.00692 / 0.00693 / 0.00679 | **0.00688 ± 0.00006** | 0.00692 / 0.00697 / 0.00685 | 1969, 1999, 209 | 3312 s (seeds 0, 1) + 1703 s (seed 2) |
+| ACE, Adam dual, ``--branch-init-scale 1`` (LeCun, the earlier default) | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s (3 seeds) |
 
-Vanilla matches the paper's EGNN (7.1e-3). ACE is worse on seed 0, 13 % better on seed 1 and
-fails on seed 2. Seed 2 does not start worse: at initialisation the full model's training MSE is
-9.3, against 11.6 / 6.8 for seeds 0 / 1. But its first epoch averages 474 (4.4 / 2.9), and then γ
-and λ swing with growing amplitude: layer 0's feature γ reaches −2.0 by epoch 350, and layer 1's
-coordinate γ ends at −3.2. The projection never recovers (best validation 0.089, epoch 474).
-In seeds 0 and 1 the final |γ| ≤ 0.35.
-The Adam dual is not the cause. Seed 2 with plain ascent (``--dual-optimizer ascent``, the
-preset's default) swings the same way (|γ| up to 3.5; best projection validation 0.071,
-epoch 609). By epoch ~650 the network has blown up (training loss ~1e29), and at epoch 1882
-a non-finite gradient stopped the run with the engine's error (last good checkpoint kept).
-Damping the ascent with the PI term (``--dual-optimizer ascent --dual-proportional 1000``) made it
-worse. Seed 0's training loss exceeded 1e3 from epoch 550, after a best projection validation of
-0.042 at epoch 479; seed 2's blew up at epoch 242 (best 0.216). Both runs were stopped, at epochs
-721 and 488. So on EGNN the branches as built here (Linear on raw coordinates and features,
-γ = 1) make training unstable; only the Adam dual trained two of three seeds. The paper reports
-no EGNN + ACE number.
+Vanilla matches the paper's EGNN (7.1e-3); the paper reports no EGNN + ACE number. With the
+default branch init ACE is below vanilla on every seed (−0.8 %, −5.4 %, −3.9 %; mean −3.4 %)
+and |γ| ≤ 0.23 at the end. The branch init decides whether ACE trains at all. With LeCun
+weights in the branches' last layer (scale 1) the branches, which see raw coordinates, start as
+large as the equivariant path: the untrained full model's training MSE is 3–16 against 0.2–0.6
+for its projection (init seeds 0–9). Seed 2's first epoch then averaged 474, after which γ and λ
+swung with growing amplitude (layer 1's coordinate γ ended at −3.2) and the projection never
+recovered (best validation 0.089). Plain ascent (``--dual-optimizer ascent``) swung the same way
+on that seed and blew up by epoch ~650 (training loss ~1e29; a non-finite gradient stopped it at
+epoch 1882 with the engine's error, last good checkpoint kept), and the PI-damped ascent
+(``--dual-proportional 1000``) blew up on seeds 0 and 2. With scale 0.01 (a tenth of LeCun's
+standard deviation) the untrained full model starts within 0.0–0.2 of its projection's MSE, the
+first epoch averages 0.12–0.17, and all three seeds train. The scale was chosen once before the
+runs (not tuned over values).
 
 Quick preset (``--preset quick``, plain ascent, smoke size; 121 s): vanilla 0.00798, ACE
 projection 0.00933 (full 0.0121) with the current model and default dense branches; earlier
@@ -190,7 +189,7 @@ def resolve_branch_kind(model_name: str, branch_kind: str | None) -> str:
 
 def make_model(
     model_name: str, spectral_branch: bool = False, gamma_init: float = 1.0, branch_kind: str | None = None,
-    parameterization: str = "fan_in", branch_rank: int | None = None,
+    parameterization: str = "fan_in", branch_rank: int | None = None, branch_init_scale: float | None = None,
 ):
     """The paper's N-body model: ``"segnn"`` (models/segnn.py) or ``"egnn"`` (models/egnn.py).
 
@@ -200,17 +199,22 @@ def make_model(
     None = :data:`DEFAULT_SEGNN_BRANCH`; see :func:`resolve_branch_kind`). ``branch_rank`` (SEGNN,
     dense kind): factor each Linear branch through rank r (:class:`ace_jax.LowRankBranch`).
     ``parameterization`` (SEGNN only): ``"normal"`` or ``"fan_in"`` (models.segnn.weight_scale).
+    ``branch_init_scale`` (EGNN only): variance of the branches' last kernel relative to LeCun
+    normal (None = the model's default; models.egnn.EGNN).
     """
     branch_kind = resolve_branch_kind(model_name, branch_kind)
     if branch_rank is not None and (model_name != "segnn" or branch_kind != "dense" or branch_rank < 1):
         raise ValueError(f"--branch-rank must be >= 1 and applies to SEGNN's dense branches only, got {branch_rank} "
                          f"with model {model_name!r} and branch kind {branch_kind!r}")
+    if branch_init_scale is not None and model_name != "egnn":
+        raise ValueError("--branch-init-scale applies to EGNN only")
     if model_name == "egnn" and parameterization != "fan_in":
         raise ValueError("--parameterization normal applies to SEGNN only (EGNN's layers use the fan-in init)")
     if model_name == "egnn":
         from models.egnn import EGNN
 
-        return EGNN(hidden=64, num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init)
+        scale = {} if branch_init_scale is None else {"branch_init_scale": branch_init_scale}
+        return EGNN(hidden=64, num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init, **scale)
     if model_name == "segnn":
         try:
             from models.segnn import SEGNN
@@ -382,6 +386,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "spectral_branch": args.spectral_branch,
         "branch_kind": resolve_branch_kind(args.model, args.branch_kind), "branch_rank": args.branch_rank,
         "parameterization": args.parameterization, "vmap_seeds": args.vmap_seeds,
+        "branch_init_scale": args.branch_init_scale,
         "select_on": {m: SELECT_ON[m] for m in methods}, "metric": f"test {METRIC} on positions",
         "device": jax.devices()[0].platform,
     }
@@ -390,7 +395,8 @@ def run_study(args: argparse.Namespace) -> dict:
     for name in methods:
         spectral = args.spectral_branch == "on" or (args.spectral_branch == "auto" and name == "ace-resilient")
         model = make_model(args.model, spectral_branch=spectral, branch_kind=args.branch_kind,
-                           parameterization=args.parameterization, branch_rank=args.branch_rank)
+                           parameterization=args.parameterization, branch_rank=args.branch_rank,
+                           branch_init_scale=args.branch_init_scale)
         task = make_task(model, example)
         config = TrainConfig(
             epochs=epochs, batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
@@ -442,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "each block's last product (cheapest)")
     parser.add_argument("--branch-rank", type=int, default=None,
                         help="SEGNN dense branches factored through this rank (low-rank Linear; default: full rank)")
+    parser.add_argument("--branch-init-scale", type=float, default=None,
+                        help="EGNN: variance of each branch's last kernel relative to LeCun normal "
+                             "(default: the model's)")
     parser.add_argument("--parameterization", choices=SEGNN_PARAMETERIZATIONS, default=SEGNN_PARAMETERIZATIONS[0],
                         help="SEGNN weights: N(0,1) used as W/sqrt(n) (e3nn-jax) or U(+-1/sqrt(n)) used as is "
                              "(torch.nn.Linear style, as the reference SEGNN)")

@@ -44,7 +44,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ace_jax import MLPBranch, SymmetryBreaking
+from ace_jax import MLPBranch, SymmetryBreaking, branch_output_init
 
 # The last layer of φ_x starts tiny (Xavier-uniform with gain 0.001, as in the EGNN code), so
 # the initial coordinate updates are dominated by x + φ_v(h) v and training is stable.
@@ -78,6 +78,8 @@ class EGNNLayer(nn.Module):
       spectral_branch: spectrally normalise the breaking branches (resilient ACE).
       branch_hidden: hidden widths of the breaking branches (() = one Linear layer).
       gamma_init: initial γ of both branches.
+      branch_init_scale: variance of the branches' last kernel relative to LeCun normal
+        (default 0.01; 1.0 = LeCun; see :class:`EGNN`).
       update_features: compute h' (False in the last layer, whose h' would never be used:
         then neither the feature update nor its branch exists and h' is None).
 
@@ -88,6 +90,7 @@ class EGNNLayer(nn.Module):
     spectral_branch: bool = False
     branch_hidden: Sequence[int] = ()
     gamma_init: float = 1.0
+    branch_init_scale: float = 0.01
     update_features: bool = True
 
     @nn.compact
@@ -119,7 +122,8 @@ class EGNNLayer(nn.Module):
         geometric = jnp.concatenate([q, x - jnp.mean(x, axis=0, keepdims=True), v], axis=-1)  # (N, 7)
         if not project:
             x_new = x_new + SymmetryBreaking(
-                MLPBranch(3, tuple(self.branch_hidden), self.spectral_branch, name="coord_branch"),
+                MLPBranch(3, tuple(self.branch_hidden), self.spectral_branch, name="coord_branch",
+                          output_kernel_init=branch_output_init(self.branch_init_scale)),
                 self.gamma_init, name="coord_breaking",
             )(geometric)
         if not self.update_features:
@@ -133,7 +137,8 @@ class EGNNLayer(nn.Module):
         h_new = h + dh
         if not project:
             h_new = h_new + SymmetryBreaking(
-                MLPBranch(self.hidden, tuple(self.branch_hidden), self.spectral_branch, name="feature_branch"),
+                MLPBranch(self.hidden, tuple(self.branch_hidden), self.spectral_branch, name="feature_branch",
+                          output_kernel_init=branch_output_init(self.branch_init_scale)),
                 self.gamma_init, name="feature_breaking",
             )(jnp.concatenate([h, geometric], axis=-1))
         return h_new, x_new
@@ -148,6 +153,14 @@ class EGNN(nn.Module):
       spectral_branch: spectrally normalised breaking branches (for resilient ACE).
       gamma_init: initial γ of every branch (1.0 paper default).
       branch_hidden: hidden widths of each branch MLP (() = a single Linear layer).
+      branch_init_scale: variance of each branch's last kernel relative to LeCun normal
+        (default 0.01, i.e. a tenth of LeCun's standard deviation). The branches map raw
+        coordinates (|x| up to ~10) into x and h, so at γ = 1 with LeCun weights (scale 1)
+        they displace each particle by O(|x|) per layer: on the N-body training set the
+        untrained full model's MSE is then 3–16 against 0.2–0.6 for its projection (init seeds
+        0–9; 0.2–0.6 also with 0.01), and one paper run in three diverged. With 0.01 all three
+        trained and beat vanilla (experiments/nbody.py). The branch still trains from a small
+        start: ∂L/∂W = γ·∂L/∂g·z.
 
     With ``project=True`` the equivariant projection is computed (branches not evaluated).
     """
@@ -157,6 +170,7 @@ class EGNN(nn.Module):
     spectral_branch: bool = False
     gamma_init: float = 1.0
     branch_hidden: Sequence[int] = ()
+    branch_init_scale: float = 0.01
 
     @nn.compact
     def __call__(self, loc, vel, charges, project: bool = False):
@@ -174,6 +188,6 @@ class EGNN(nn.Module):
         for layer in range(self.num_layers):
             h, x = EGNNLayer(
                 self.hidden, self.spectral_branch, tuple(self.branch_hidden), self.gamma_init,
-                update_features=layer + 1 < self.num_layers, name=f"layer_{layer}",
+                self.branch_init_scale, update_features=layer + 1 < self.num_layers, name=f"layer_{layer}",
             )(h, x, v, q, edge_attr, project)
         return x

@@ -116,3 +116,22 @@ def test_bad_shapes_raise():
         init(loc, vel[:4], charges)
     with pytest.raises(ValueError, match="charges"):
         init(loc, vel, charges[:, 0])
+
+
+def test_branch_init_scale_shrinks_the_initial_branches():
+    loc, vel, charges = graph(2)
+    key = jax.random.PRNGKey(4)
+
+    def branch_effect(scale):
+        model = EGNN(hidden=16, num_layers=2, branch_init_scale=scale)
+        params = jax.jit(model.init)(key, loc, vel, charges)
+        full, proj = (model.apply(params, loc, vel, charges, project=p) for p in (False, True))
+        return float(jnp.max(jnp.abs(full - proj))), params
+
+    zero, params = branch_effect(0.0)
+    assert zero == 0.0  # g = 0 at init: the full model starts at its projection
+    assert all(float(g) == 1.0 for g in jax.tree_util.tree_leaves(gammas(params)))  # γ still starts at 1
+    small, lecun = branch_effect(1e-4)[0], branch_effect(1.0)[0]
+    assert 0.0 < small < 0.05 * lecun  # std 1e-2 x LeCun's: the branch shift is ~100x smaller
+    with pytest.raises(ValueError, match="branch_init_scale"):
+        EGNN(hidden=16, num_layers=2, branch_init_scale=-1.0).init(key, loc, vel, charges)

@@ -217,3 +217,18 @@ def test_low_rank_branch_is_an_affine_map_of_bounded_rank():
     assert bool(jnp.all(gaps <= jnp.linalg.norm(x, axis=-1) * (1 + 1e-3)))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LowRankBranch(7, rank=0).init(jax.random.PRNGKey(0), x)
+
+
+def test_mlp_branch_output_init_sets_only_the_last_kernel():
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+    default = MLPBranch(3, hidden=(8,))
+    zero_out = MLPBranch(3, hidden=(8,), output_kernel_init=nn.initializers.zeros)
+    key = jax.random.PRNGKey(1)
+    p_default, p_zero = default.init(key, x)["params"], zero_out.init(key, x)["params"]
+    # Same hidden layer (same key, same init); last kernel zero, so g(x) = bias = 0 at init.
+    np.testing.assert_array_equal(p_default["Dense_0"]["kernel"], p_zero["Dense_0"]["kernel"])
+    assert float(jnp.max(jnp.abs(p_default["Dense_1"]["kernel"]))) > 0.0
+    np.testing.assert_array_equal(zero_out.apply({"params": p_zero}, x), jnp.zeros((6, 3)))
+    # The branch can still learn: its last kernel gets a non-zero gradient.
+    grad = jax.grad(lambda p: jnp.sum(zero_out.apply({"params": p}, x) * x[:, :3]))(p_zero)
+    assert float(jnp.max(jnp.abs(grad["Dense_1"]["kernel"]))) > 0.0

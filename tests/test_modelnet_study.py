@@ -84,6 +84,10 @@ def test_dropout_rule_reaches_the_loss_and_is_validated(tmp_path):
 
     assert loss(0.0, "refill") == pytest.approx(loss(0.0, "first-point"), abs=1e-6)
     assert loss(0.75, "refill") != pytest.approx(loss(0.75, "first-point"), abs=1e-6)
+    # make_task's default rule is the presets' (first-point), so direct callers get the same.
+    default = make_task(model, 16, 0.75, 0.2).loss(variables, example, jax.random.PRNGKey(3), True)
+    assert float(default) == loss(0.75, "first-point")
+    assert tiny_preset().dropout_rule == "first-point"
     with pytest.raises(ValueError, match="dropout_rule"):
         make_task(model, 16, 0.5, 0.2, "nonsense")
     with pytest.raises(ValueError, match="dropout_rule"):

@@ -186,3 +186,10 @@ def test_branch_rank_reaches_segnn_and_invalid_uses_raise():
         rank = kwargs.pop("branch_rank_", 8)
         with pytest.raises(ValueError, match="--branch-rank"):
             study.make_model(**kwargs, branch_rank=rank)
+
+
+def test_branch_init_scale_reaches_egnn_only():
+    assert study.make_model("egnn", branch_init_scale=0.01).branch_init_scale == 0.01
+    assert study.make_model("egnn").branch_init_scale == study.make_model("egnn", branch_init_scale=None).branch_init_scale
+    with pytest.raises(ValueError, match="--branch-init-scale"):
+        study.make_model("segnn", branch_init_scale=0.01)

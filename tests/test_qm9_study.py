@@ -219,3 +219,13 @@ def test_branch_rank_setting_builds_low_rank_segnn_only():
         dataclasses.replace(settings, branch_rank=0)
     with pytest.raises(ValueError, match="branch_rank applies to SEGNN"):
         study.build_model("schnet", dataclasses.replace(study.PRESETS["quick"]["schnet"], branch_rank=4))
+
+
+def test_branch_init_scale_setting_reaches_schnet_only():
+    settings = study.PRESETS["quick"]["schnet"]
+    assert study.build_model("schnet", dataclasses.replace(settings, branch_init_scale=0.01)).branch_init_scale == 0.01
+    assert study.build_model("schnet", settings).branch_init_scale == 1.0  # the model's default
+    with pytest.raises(ValueError, match="branch_init_scale must be >= 0"):
+        dataclasses.replace(settings, branch_init_scale=-1.0)
+    with pytest.raises(ValueError, match="branch_init_scale applies to SchNet"):
+        study.build_model("segnn", dataclasses.replace(study.PRESETS["quick"]["segnn"], branch_init_scale=0.01))

@@ -39,3 +39,15 @@ def test_readme_example_runs():
     gamma = float(state[0]["gamma"]["layer"]["breaking"]["gamma"])
     assert abs(gamma) < 0.05 * abs(gamma0)
     assert scope["deployed"].shape == (64, 1)
+
+
+def test_readme_small_branch_snippet_gives_the_stated_variance():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"### Start the branches small.*?```python\n(.*?)```", text, re.S).group(1)
+    scope = {"aj": aj}
+    exec(compile(code, "README.md", "exec"), scope)
+    fan_in = 256
+    params = scope["branch"].init(jax.random.PRNGKey(0), jnp.ones((1, fan_in)))["params"]
+    kernel = np.asarray(params["Dense_0"]["kernel"])
+    assert kernel.shape == (fan_in, 64)
+    assert abs(kernel.var() * fan_in / 0.01 - 1.0) < 0.05  # variance 0.01 / fan_in (16384 draws)

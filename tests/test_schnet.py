@@ -189,3 +189,20 @@ def test_bad_inputs_raise(molecules):
     with pytest.raises(ValueError, match="pooling"):
         jax.eval_shape(lambda: SchNet(features=8, num_interactions=1, pooling="max").init(
             jax.random.PRNGKey(0), batch_of(molecules)))
+
+
+def test_branch_init_scale_zero_starts_at_the_projection(molecules):
+    """With a zero last branch kernel the full model equals its projection at init (γ = 1 still),
+    and the branch still gets gradient: it can grow where the data asks for it."""
+    model = SchNet(features=16, filters=16, num_interactions=2, branch_hidden=(16,), branch_init_scale=0.0)
+    batch = batch_of(molecules)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+    assert all(float(g) == 1.0 for g in jax.tree_util.tree_leaves(variables["gamma"]))
+    full = model.apply(variables, batch, project=False)
+    np.testing.assert_array_equal(full, model.apply(variables, batch, project=True))
+
+    def squared_output(params):
+        return jnp.sum(model.apply({**variables, "params": params}, batch, project=False) ** 2)
+
+    grads = ace_jax.named_leaves(jax.grad(squared_output)(variables["params"]))
+    assert max(float(jnp.max(jnp.abs(g))) for name, g in grads.items() if "coordinate_branch" in name) > 0.0
