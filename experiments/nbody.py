@@ -225,6 +225,15 @@ def make_model(
     raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
 
 
+def egnn_branch_init_scale(model_name: str, branch_init_scale: float | None) -> float | None:
+    """The branch init scale a run of ``model_name`` uses (EGNN's default for None; None for SEGNN)."""
+    if model_name != "egnn":
+        return None
+    from models.egnn import EGNN
+
+    return EGNN.branch_init_scale if branch_init_scale is None else branch_init_scale
+
+
 def rotate_example(rng: jax.Array, example: dict) -> dict:
     """A Haar-random Q ∈ O(3) acting on loc, vel and target (``x ↦ x Qᵀ``); charges unchanged."""
     q = random_orthogonal(rng)
@@ -386,7 +395,7 @@ def run_study(args: argparse.Namespace) -> dict:
         "spectral_branch": args.spectral_branch,
         "branch_kind": resolve_branch_kind(args.model, args.branch_kind), "branch_rank": args.branch_rank,
         "parameterization": args.parameterization, "vmap_seeds": args.vmap_seeds,
-        "branch_init_scale": args.branch_init_scale,
+        "branch_init_scale": egnn_branch_init_scale(args.model, args.branch_init_scale),
         "select_on": {m: SELECT_ON[m] for m in methods}, "metric": f"test {METRIC} on positions",
         "device": jax.devices()[0].platform,
     }

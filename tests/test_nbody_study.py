@@ -130,6 +130,7 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "methods"}
     assert results["config"]["epochs"] == 1 and results["config"]["model"] == "egnn"
+    assert results["config"]["branch_init_scale"] == 0.01  # EGNN's default, recorded as used
     assert set(results["methods"]) == {"ace-resilient"}
     keys = {"test_mse_projection", "test_mse_full", "test_mse_projection_per_seed", "test_mse_full_per_seed",
             "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "wall_s"}
@@ -193,3 +194,5 @@ def test_branch_init_scale_reaches_egnn_only():
     assert study.make_model("egnn").branch_init_scale == study.make_model("egnn", branch_init_scale=None).branch_init_scale
     with pytest.raises(ValueError, match="--branch-init-scale"):
         study.make_model("segnn", branch_init_scale=0.01)
+    assert study.egnn_branch_init_scale("egnn", None) == study.make_model("egnn").branch_init_scale == 0.01
+    assert study.egnn_branch_init_scale("egnn", 1.0) == 1.0 and study.egnn_branch_init_scale("segnn", None) is None
