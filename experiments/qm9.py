@@ -91,8 +91,8 @@ steps, and the best epoch is then 22–24 of 25. Each run used one core with
   side of 0 for 12 epochs, and ZPVE ended at 0.01283, against vanilla's 0.01142.
 - Branches started small (``--branch-init-scale 0.01``; the EGNN default, where it stopped a
   divergence) do not help SchNet. Same options, seeds 0–5, one core per run: ZPVE 0.00803 ±
-  0.00030 (paired against vanilla −0.6 %, t = −1.9, better on 4 of 6 seeds), Cv 0.1309 ±
-  0.0012 (−0.4 %, t = −0.5, 2 of 6). Against the LeCun-initialised ACE above that is +1.0 %
+  0.00033 (paired against vanilla −0.6 %, t = −1.9, better on 4 of 6 seeds), Cv 0.1309 ±
+  0.0013 (−0.4 %, t = −0.5, 2 of 6). Against the LeCun-initialised ACE above that is +1.0 %
   (ZPVE, t = 0.7) and +1.7 % (Cv, t = 2.4, worse on 5 of 6 seeds). At initialisation the
   LeCun branches make the full model's L1 up to 15× the projection's, yet with the PI dual γ
   is below 5e-3 within a few epochs, so SchNet keeps scale 1 (LeCun) as its default.
