@@ -80,10 +80,11 @@ The dropout rule decides the outcome. With the rule of the PointNet++ code
 4.5–5.6 min per run on one core) the dropped points pile up on the cloud's first point, and
 the strict model loses about 10 points against its clean accuracy (67.0 / 79.0 % against
 80.5 / 87.0 %). Its training loss falls more slowly: 1.59 / 1.51 at epoch 49, against
-1.44 / 1.38 for ACE's full model. It does not stall outright within 50 epochs. ACE's projection loses less (76.5 / 87.5 % against its
-clean 84.5 / 86.0 %: −3.3 points on average, against −10.8 for vanilla) and beats vanilla by
-9.5 and 8.5 points on the two seeds. Its projection trails its full model until epoch ~40
-(γ ≈ 1 early) and then draws level or ahead (final γ −0.44…−0.02).
+1.44 / 1.38 for ACE's full model. It does not stall outright within 50 epochs. ACE's
+projection loses less (76.5 / 87.5 % against its clean 84.5 / 86.0 %: −3.3 points on
+average, against −10.8 for vanilla) and beats vanilla by 9.5 and 8.5 points on the two seeds.
+Its projection trails its full model until epoch ~40 (γ ≈ 1 early) and then draws level or
+ahead (final γ −0.44…−0.02).
 ace-resilient's full model (83.0 / 76.5 %) also beats vanilla. Its projection does not
 (69.5 / 52.5 %): its γ end at −0.02…0.30 with slacks u of 0.07–0.39 (the relaxation keeps
 the branches on), so its deployed model is the full one.

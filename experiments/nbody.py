@@ -215,8 +215,8 @@ def make_model(
     if model_name == "egnn":
         from models.egnn import EGNN
 
-        scale = {} if branch_init_scale is None else {"branch_init_scale": branch_init_scale}
-        return EGNN(hidden=64, num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init, **scale)
+        return EGNN(hidden=64, num_layers=4, spectral_branch=spectral_branch, gamma_init=gamma_init,
+                    branch_init_scale=egnn_branch_init_scale(model_name, branch_init_scale))
     if model_name == "segnn":
         try:
             from models.segnn import SEGNN

@@ -191,7 +191,6 @@ def test_branch_rank_reaches_segnn_and_invalid_uses_raise():
 
 def test_branch_init_scale_reaches_egnn_only():
     assert study.make_model("egnn", branch_init_scale=0.01).branch_init_scale == 0.01
-    assert study.make_model("egnn").branch_init_scale == study.make_model("egnn", branch_init_scale=None).branch_init_scale
     with pytest.raises(ValueError, match="--branch-init-scale"):
         study.make_model("segnn", branch_init_scale=0.01)
     assert study.egnn_branch_init_scale("egnn", None) == study.make_model("egnn").branch_init_scale == 0.01
