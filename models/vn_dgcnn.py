@@ -39,7 +39,11 @@ VN-DGCNN (the classifier, for one cloud ``points (P, 3)``; w = ``width``, 21 ≈
 2. four EdgeConv blocks: VN-LeakyReLU on edge features, mean over the k neighbours,
    widths (w, w, 2w, 4w). Blocks 2–4 rebuild the graph in feature space (dynamic graph,
    kNN on the flattened C·3 numbers, a rotation-invariant distance) with edge features
-   [V_j − V_i, V_i] per channel → (P, k, 2C, 3);
+   [V_j − V_i, V_i] per channel → (P, k, 2C, 3). These blocks never form that tensor: both
+   VN-Linear maps are linear in the edge, Wᵀ[V_j − V_i; V_i] = W_aᵀ V_j + (W_b − W_a)ᵀ V_i,
+   so they run on the P points and only their outputs are gathered per edge
+   (``VNLinearLeakyReLU(...)(x, project, neighbours)``, see :class:`VNLinear`) — k times fewer
+   multiply-adds, same parameters, same outputs up to float rounding;
 3. concatenation of the four outputs (8w channels), VN-LeakyReLU to 16w channels (one
    shared direction, as the paper's conv5), concatenation with its mean over points (32w);
 4. invariant layer → (P, 32w·3) invariant numbers, mean over points;
@@ -56,9 +60,16 @@ the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_
   rotation does not commute with axis-dependent weights. It costs the VN-Linear product
   alone: measured 1.03× the vanilla step against 1.56× for ``"axis"`` (``python -m
   experiments.benchmark --models vn_dgcnn,vn_dgcnn_axis --methods vanilla,ace --batch 8
-  --steps 20``, one core, the other busy). The per-axis δ triples each VN-Linear's weight count
-  (3.7 M parameters against the vanilla 1.8 M, most of it the MLP head). Quick study (one seed,
-  ``python -m experiments.modelnet --preset quick --branch-kind K``): ACE projection class
+  --steps 20``, one core, the other busy). At the paper's size on both cores (``--models
+  vn_dgcnn --methods vanilla,ace --steps 20``, batch 32) the step takes 3.85 s vanilla and
+  4.34 s ACE (1.13×), against 9.03 s and 12.27 s (1.36×) before the EdgeConv products ran per
+  point. The per-axis products run as three matmuls on strided slices (:func:`_vn_product`;
+  fwd + bwd of the 672 → 336 map at batch 8: 68–70 ms against 78–82 ms for the batched
+  einsum). The branches' spectral normalisation is about a third of ACE's extra time (batch 8:
+  1266 ms with it, 1200 ms without, vanilla 1075 ms; not interleaved). The per-axis δ triples
+  each VN-Linear's weight count (3.7 M parameters against the vanilla 1.8 M, most of it the
+  MLP head). Quick study (one seed, ``python -m experiments.modelnet --preset quick
+  --branch-kind K``): ACE projection class
   accuracy 74 % clean / 66 % dropout with in_kernel vs 58 % / 56 % with axis (vanilla 82 % / 80 %).
 - ``"axis"``: q = W_q V + γ_q · g_q(W_q V), g_q(f)_c = f_c A_c with a learned 3×3
   A_c per channel (:class:`ace_jax.AxisMixBranch`), likewise for k, on the layer's own
@@ -139,11 +150,32 @@ def edge_features(vectors: jax.Array, k: int) -> jax.Array:
     _check_vectors(vectors, "edge_features")
     if vectors.ndim != 3:
         raise ValueError(f"edge_features expects (P, C, 3) for one cloud, got {vectors.shape}")
-    num_points, channels, _ = vectors.shape
-    indices = knn_indices(vectors.reshape(num_points, channels * 3), k)
-    neighbours = vectors[indices]  # (P, k, C, 3)
-    centre = jnp.broadcast_to(vectors[:, None], neighbours.shape)
-    return jnp.concatenate([neighbours - centre, centre], axis=-2)
+    return gather_edges(vectors, feature_knn(vectors, k))
+
+
+def feature_knn(vectors: jax.Array, k: int) -> jax.Array:
+    """kNN graph of ``vectors (P, C, 3)`` in the flattened (C·3) feature space → int32 ``(P, k)``."""
+    _check_vectors(vectors, "feature_knn")
+    if vectors.ndim != 3:
+        raise ValueError(f"feature_knn expects (P, C, 3) for one cloud, got {vectors.shape}")
+    return knn_indices(vectors.reshape(vectors.shape[0], -1), k)
+
+
+def _check_neighbours(vectors: jax.Array, neighbours: jax.Array, name: str) -> None:
+    if vectors.ndim != 3 or neighbours.ndim != 2 or neighbours.shape[0] != vectors.shape[0]:
+        raise ValueError(f"{name} with neighbours expects point features (P, C, 3) and indices (P, k), "
+                         f"got {vectors.shape} and {neighbours.shape}")
+    if not jnp.issubdtype(neighbours.dtype, jnp.integer):
+        raise ValueError(f"{name}: neighbours must be integer indices, got dtype {neighbours.dtype}")
+
+
+def gather_edges(vectors: jax.Array, neighbours: jax.Array) -> jax.Array:
+    """EdgeConv edges [V_j − V_i, V_i] of ``vectors (P, C, 3)`` for the graph ``neighbours (P, k)``
+    (row i lists the j of point i) → ``(P, k, 2C, 3)``."""
+    _check_neighbours(vectors, neighbours, "gather_edges")
+    gathered = vectors[neighbours]  # (P, k, C, 3)
+    centre = jnp.broadcast_to(vectors[:, None], gathered.shape)
+    return jnp.concatenate([gathered - centre, centre], axis=-2)
 
 
 def point_edge_features(points: jax.Array, k: int, cross_product: bool = True) -> jax.Array:
@@ -165,22 +197,52 @@ def point_edge_features(points: jax.Array, k: int, cross_product: bool = True) -
 class VNLinear(nn.Module):
     """VN-Linear ``(..., C, 3) → (..., features, 3)``: V'_{c'} = Σ_c W_{c c'} V_c (no bias).
 
-    Call ``layer(x, perturbation=None)``; a ``perturbation`` δW ``(3, C, features)`` gives each
-    xyz axis its own matrix, V'_{c', i} = Σ_c (W + δW_i)_{c c'} V_{c, i} — the VN-Linear map
-    plus the (rotation-breaking) branch Σ_c δW_{i, c c'} V_{c, i}, in one product.
+    Call ``layer(x, perturbation=None, neighbours=None)``.
+
+    - A ``perturbation`` δW ``(3, C, features)`` gives each xyz axis its own matrix,
+      V'_{c', i} = Σ_c (W + δW_i)_{c c'} V_{c, i} — the VN-Linear map plus the
+      (rotation-breaking) branch Σ_c δW_{i, c c'} V_{c, i}, in one product.
+    - ``neighbours (P, k)`` (int): ``x (P, C, 3)`` are point features and the layer maps the
+      EdgeConv edges E_ij = [V_j − V_i, V_i] (2C channels, :func:`gather_edges`) of that graph
+      without forming them. With W = [W_a; W_b] split at row C (and likewise each W + δW_i),
+
+          Wᵀ E_ij = W_aᵀ V_j + (W_b − W_a)ᵀ V_i,
+
+      so both products run over the P points, not the P·k edges, and only their results are
+      gathered: k times fewer multiply-adds and no (P, k, 2C, 3) input. The kernel has the
+      edge shape (2C, features), so the parameters are those of ``layer(gather_edges(x, nbrs))``
+      and the outputs ``(P, k, features, 3)`` agree with it up to float rounding.
     """
 
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, perturbation: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, perturbation: jax.Array | None = None,
+                 neighbours: jax.Array | None = None) -> jax.Array:
         _check_vectors(x, "VNLinear")
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-2], self.features))
-        if perturbation is None:
-            return jnp.einsum("...ci,cd->...di", x, kernel.astype(x.dtype))
-        if perturbation.shape != (3,) + kernel.shape:
+        channels = x.shape[-2]
+        if neighbours is not None:
+            _check_neighbours(x, neighbours, "VNLinear")
+        fan_in = channels if neighbours is None else 2 * channels
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (fan_in, self.features))
+        if perturbation is not None and perturbation.shape != (3,) + kernel.shape:
             raise ValueError(f"VNLinear perturbation must have shape {(3,) + kernel.shape}, got {perturbation.shape}")
-        return jnp.einsum("...ci,icd->...di", x, (kernel + perturbation).astype(x.dtype))
+        weight = (kernel if perturbation is None else kernel + perturbation).astype(x.dtype)
+        if neighbours is None:
+            return _vn_product(x, weight)
+        neighbour_weight = weight[..., :channels, :]
+        centre_weight = weight[..., channels:, :] - neighbour_weight
+        per_point = _vn_product(x, jnp.concatenate([neighbour_weight, centre_weight], axis=-1))  # (P, 2F, 3)
+        return per_point[:, : self.features][neighbours] + per_point[:, None, self.features :]
+
+
+def _vn_product(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """Σ_c x_{c,i} W_{c d} for ``weight (C, D)``, or Σ_c x_{c,i} W_{i,c d} for ``weight (3, C, D)``."""
+    if weight.ndim == 2:
+        return jnp.einsum("...ci,cd->...di", x, weight)
+    # one product per axis on the strided slices: measured faster on CPU than the batched einsum
+    # "...ci,icd->...di", whose operand transposes to (3, ..., C) cost more than the products
+    return jnp.stack([x[..., i] @ weight[i] for i in range(3)], axis=-1)
 
 
 def vn_leaky_relu(q: jax.Array, k: jax.Array, negative_slope: float = 0.2) -> jax.Array:
@@ -294,19 +356,28 @@ class VNLinearLeakyReLU(nn.Module):
         return out + SymmetryBreaking(branch, gamma_init=self.gamma_init, name=name)(source)
 
     @nn.compact
-    def __call__(self, x: jax.Array, project: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, project: bool = False, neighbours: jax.Array | None = None) -> jax.Array:
+        """``x (..., C, 3) → (..., features, 3)``; with ``neighbours (P, k)``, ``x (P, C, 3)`` are point
+        features and the block acts on the EdgeConv edges ``gather_edges(x, neighbours)`` →
+        ``(P, k, features, 3)``. Both VN-Linear products then run per point (see :class:`VNLinear`);
+        only a ``"dense"`` branch, which reads the block input, forms the edge tensor."""
         _check_vectors(x, "VNLinearLeakyReLU")
         if self.branch_kind not in BRANCH_KINDS:
             raise ValueError(f"branch_kind must be one of {BRANCH_KINDS}, got {self.branch_kind!r}")
         direction_channels = 1 if self.shared_direction else self.features
         folded = self.branch_kind == "in_kernel" and not project
+        fan_in = x.shape[-2] if neighbours is None else 2 * x.shape[-2]
+        if neighbours is not None and self.branch_kind == "dense" and not project:
+            block_input = gather_edges(x, neighbours)
+        else:
+            block_input = x
 
         def path(name: str, channels: int, breaking: str) -> jax.Array:
             if folded:
-                delta = axis_weight_breaking(breaking, x.shape[-2], channels, self.spectral_branch, self.gamma_init)
-                return VNLinear(channels, name=name)(x, delta)
-            out = VNLinear(channels, name=name)(x)
-            return out if project else self._corrected(out, x, breaking)
+                delta = axis_weight_breaking(breaking, fan_in, channels, self.spectral_branch, self.gamma_init)
+                return VNLinear(channels, name=name)(x, delta, neighbours)
+            out = VNLinear(channels, name=name)(x, neighbours=neighbours)
+            return out if project else self._corrected(out, block_input, breaking)
 
         q = path("feature", self.features, "feature_breaking")
         if self.use_norm:
@@ -393,9 +464,10 @@ class VNDGCNN(nn.Module):
 
         edges = point_edge_features(points, self.k, self.cross_product)
         x1 = VNLinearLeakyReLU(w, name="conv1", **block)(edges, project).mean(axis=1)
-        x2 = VNLinearLeakyReLU(w, name="conv2", **block)(edge_features(x1, self.k), project).mean(axis=1)
-        x3 = VNLinearLeakyReLU(2 * w, name="conv3", **block)(edge_features(x2, self.k), project).mean(axis=1)
-        x4 = VNLinearLeakyReLU(4 * w, name="conv4", **block)(edge_features(x3, self.k), project).mean(axis=1)
+        # Blocks 2–4 take the point features and their kNN graph; VNLinear maps the edges per point.
+        x2 = VNLinearLeakyReLU(w, name="conv2", **block)(x1, project, feature_knn(x1, self.k)).mean(axis=1)
+        x3 = VNLinearLeakyReLU(2 * w, name="conv3", **block)(x2, project, feature_knn(x2, self.k)).mean(axis=1)
+        x4 = VNLinearLeakyReLU(4 * w, name="conv4", **block)(x3, project, feature_knn(x3, self.k)).mean(axis=1)
         x = jnp.concatenate([x1, x2, x3, x4], axis=-2)  # (P, 8w, 3)
         x = VNLinearLeakyReLU(16 * w, shared_direction=True, name="conv5", **block)(x, project)
         x = jnp.concatenate([x, jnp.broadcast_to(x.mean(axis=0, keepdims=True), x.shape)], axis=-2)

@@ -1,5 +1,6 @@
 """The point-cloud study: point dropout in jax, accuracies, class subsets, a tiny run's files."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from experiments.modelnet import (
-    METRICS, Preset, accuracies, drop_points_jax, drop_points_to_first_jax, main, make_task, run_study, subset_classes,
+    METRICS, Preset, accuracies, build_parser, drop_points_jax, drop_points_to_first_jax, main, make_task,
+    preset_from_args, primal_optimizer, run_study, subset_classes,
 )
 
 
@@ -177,3 +179,34 @@ def test_dual_proportional_setting_reaches_the_dual_update(tmp_path):
         tiny_preset(dual_proportional=-1.0)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--dual-proportional", "-1"])
+
+
+def test_optimizer_options_reach_the_preset_and_are_validated():
+    def preset(*options):
+        return preset_from_args(build_parser().parse_args(["--out", "x", *options]))
+
+    quick = preset("--preset", "quick", "--optimizer", "sgd", "--learning-rate", "0.05",
+                   "--final-learning-rate", "1e-3", "--weight-decay", "1e-4")
+    assert (quick.optimizer, quick.learning_rate, quick.final_learning_rate, quick.weight_decay) == (
+        "sgd", 0.05, 1e-3, 1e-4)
+    assert quick.width == 3 and quick.epochs == 12  # the rest of the quick preset is kept
+    cpu_adam = preset("--preset", "cpu", "--optimizer", "adam", "--learning-rate", "1e-3")
+    assert (cpu_adam.optimizer, cpu_adam.learning_rate, cpu_adam.final_learning_rate, cpu_adam.weight_decay) == (
+        "adam", 1e-3, None, 0.0)
+    cpu = preset("--preset", "cpu")
+    assert (cpu.optimizer, cpu.learning_rate, cpu.final_learning_rate, cpu.weight_decay) == ("sgd", 0.1, 1e-3, 1e-4)
+    # the cosine schedule: 0.1 at the first step, 1e-3 at the last (lr = -update / grad for SGD)
+    tx = primal_optimizer(dataclasses.replace(cpu, weight_decay=0.0, momentum=0.0), steps_per_epoch=5, epochs=2)
+    grads = {"params": {"w": jnp.ones(())}}
+    state = tx.init(grads)
+    rates = []
+    for _ in range(11):
+        update, state = tx.update(grads, state)
+        rates.append(-float(update["params"]["w"]))
+    assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(1e-3)
+    for bad in (["--learning-rate", "0"], ["--final-learning-rate", "1.0"], ["--weight-decay", "-1"],
+                ["--optimizer", "adam"], ["--optimizer", "adam", "--learning-rate", "1e-3", "--weight-decay", "1e-4"]):
+        with pytest.raises(SystemExit):
+            preset("--preset", "cpu", *bad)
+    with pytest.raises(SystemExit):
+        preset("--preset", "quick", "--weight-decay", "1e-4")  # Adam: no weight decay here
