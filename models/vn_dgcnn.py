@@ -61,7 +61,7 @@ the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_
   alone: measured 1.00× the vanilla step (1842 / 1849 ms) against 1.31× for ``"axis"``
   (``python -m experiments.benchmark --models vn_dgcnn,vn_dgcnn_axis --methods vanilla,ace
   --batch 8 --steps 20``, one core, the other busy; 1.03× and 1.56× before the per-point
-  EdgeConv products below). At the paper's size on both cores (``--models
+  EdgeConv products of step 2 above). At the paper's size on both cores (``--models
   vn_dgcnn --methods vanilla,ace --steps 20``, batch 32) the step takes 3.85 s vanilla and
   4.34 s ACE (1.13×), against 9.03 s and 12.27 s (1.36×) before the EdgeConv products ran per
   point. The per-axis products run as three matmuls on strided slices (:func:`_vn_product`;
