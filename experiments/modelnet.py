@@ -75,11 +75,13 @@ stalls on some seeds, not all; ACE's spread over seeds is a fifth of vanilla's. 
 (validation 97–100 % at epoch 50).
 
 All 40 classes of the stand-in (``--preset cpu --classes all --methods vanilla|ace``, 1920 /
-480 / 800 clouds, seed 0 only, 16–18 s per epoch, 29–31 min per method for both studies):
-clean 93.0 % vanilla against 93.4 % for ACE's projection (93.1 % full); dropout 78.6 % against
-**93.5 %** (93.4 % full). Under dropout vanilla lags rather than stalls: training loss 2.82 at
-epoch 20 and 2.18 at epoch 50 (chance ln 40 = 3.69), validation 45 % and 79 %, against 2.29 /
-1.63 and 68 % / 92 % for ACE (largest |γ| after epoch 10: 0.24, final 0.007).
+480 / 800 clouds, seeds 0 / 1, 16–18 s per epoch, 28–31 min per method and seed for both
+studies): clean 93.0 / 92.1 % vanilla against 93.4 / 91.0 % for ACE's projection (93.1 / 90.3 %
+full); dropout 78.6 / 79.8 % against **93.5 / 86.9 %** (93.4 / 86.5 % full). Under dropout
+vanilla lags: training loss 2.82 / 2.81 at epoch 20 and 2.18 / 2.13 at epoch 50 (chance
+ln 40 = 3.69), against 2.29 / 2.80 and 1.63 / 1.78 for ACE; on seed 1 vanilla's loss jumps
+from 2.46 at epoch 25 to 3.64 at epoch 27, back to chance. Clean, ACE is not better here (means 92.2
+against 92.6 %).
 
 With Adam 1e-3 (the preset before; ``--optimizer adam --learning-rate 1e-3``):
 
