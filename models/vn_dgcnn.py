@@ -148,10 +148,7 @@ def edge_features(vectors: jax.Array, k: int) -> jax.Array:
       (P, k, 2C, 3): channels 0..C−1 are V_j − V_i, channels C..2C−1 are V_i, for the j-th
       nearest neighbour of point i in the flattened (C·3) feature space.
     """
-    _check_vectors(vectors, "edge_features")
-    if vectors.ndim != 3:
-        raise ValueError(f"edge_features expects (P, C, 3) for one cloud, got {vectors.shape}")
-    return gather_edges(vectors, feature_knn(vectors, k))
+    return gather_edges(vectors, feature_knn(vectors, k))  # feature_knn checks the (P, C, 3) shape
 
 
 def feature_knn(vectors: jax.Array, k: int) -> jax.Array:
