@@ -91,28 +91,40 @@ class Homotopic(nn.Module):
 
 
 def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
-    """Largest singular value σ_max of a 2-D ``kernel`` (in, out), by power iteration.
+    """Largest singular value σ_max of a 2-D ``kernel`` W (in, out), by power iteration.
 
-    The iteration runs on ``stop_gradient(kernel)`` from a fixed start vector, so it is
-    stateless and deterministic; σ = uᵀ W v is then differentiable in W as in the
-    usual spectral normalisation (Miyato et al., 2018).
+    From v₀ = 1/√out, ``num_iterations`` steps of u = W v / ‖W v‖, v = Wᵀ u / ‖Wᵀ u‖, then
+    u = W v / ‖W v‖ and σ = uᵀ W v. The iteration runs on ``stop_gradient(W)`` from a fixed
+    start, so it is stateless and deterministic; σ is differentiable in W through the last
+    product, as in the usual spectral normalisation (Miyato et al., 2018).
+
+    The iterates are computed in the smaller of the two spaces through the Gram matrix:
+    v ← WᵀW v / ‖WᵀW v‖ when out ≤ in, u ← W Wᵀ u / ‖W Wᵀ u‖ when in < out — the same
+    vectors (up to rounding) with one mat-vec per step instead of two, which matters on CPU,
+    where each tiny dependent op costs more to dispatch than its arithmetic.
     """
     if kernel.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D kernel, got shape {kernel.shape}")
+    if num_iterations < 0:
+        raise ValueError(f"spectral_norm needs num_iterations >= 0, got {num_iterations}")
     w = jax.lax.stop_gradient(kernel)
-    v = jnp.ones((w.shape[1],), w.dtype) / jnp.sqrt(w.shape[1])
+    fan_in, fan_out = w.shape
 
-    def body(_, v):
-        u = w @ v
-        u = u / (jnp.linalg.norm(u) + 1e-12)
-        v = w.T @ u
-        return v / (jnp.linalg.norm(v) + 1e-12)
+    def normalize(x):
+        return x / (jnp.linalg.norm(x) + 1e-12)
 
-    # Unrolled: a handful of tiny mat-vecs that XLA fuses, instead of a while loop whose
-    # per-iteration dispatch costs more than the arithmetic on CPU.
-    v = jax.lax.fori_loop(0, num_iterations, body, v, unroll=True)
-    u = w @ v
-    u = jax.lax.stop_gradient(u / (jnp.linalg.norm(u) + 1e-12))
+    def power(gram, x, steps):
+        # unrolled: a handful of tiny mat-vecs that XLA fuses, instead of a while loop whose
+        # per-iteration dispatch costs more than the arithmetic on CPU
+        return jax.lax.fori_loop(0, steps, lambda _, x: normalize(gram @ x), x, unroll=True)
+
+    v = jnp.ones((fan_out,), w.dtype) / jnp.sqrt(fan_out)
+    if fan_out <= fan_in or num_iterations == 0:  # v-space: v_t = WᵀW v_{t-1} (normalised)
+        v = power(w.T @ w, v, num_iterations)
+    else:  # u-space: u_1 = W v₀, u_{t+1} = W Wᵀ u_t, v = Wᵀ u_n (normalised)
+        u = power(w @ w.T, normalize(w @ v), num_iterations - 1)
+        v = normalize(w.T @ u)
+    u = jax.lax.stop_gradient(normalize(w @ v))
     return u @ kernel @ jax.lax.stop_gradient(v)
 
 

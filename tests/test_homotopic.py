@@ -95,6 +95,35 @@ def test_spectral_norm_matches_svd():
         spectral_norm(jnp.ones((2, 2, 2)))
 
 
+def _two_sided_power_iteration(kernel, steps):
+    """The textbook iteration, u = W v/‖W v‖, v = Wᵀ u/‖Wᵀ u‖ from v₀ = 1/√out, σ = uᵀ W v."""
+    w = np.asarray(kernel, np.float64)
+    v = np.ones(w.shape[1]) / np.sqrt(w.shape[1])
+    for _ in range(steps):
+        u = w @ v
+        u /= np.linalg.norm(u) + 1e-12
+        v = w.T @ u
+        v /= np.linalg.norm(v) + 1e-12
+    u = w @ v
+    u /= np.linalg.norm(u) + 1e-12
+    return u @ w @ v, np.outer(u, v)  # σ and ∂σ/∂W (u, v held fixed)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (1, 4)])
+def test_spectral_norm_gram_iterates_equal_two_sided_ones(shape):
+    """The Gram-matrix form (one mat-vec per step, in the smaller space) reproduces the
+    two-sided iteration after the same number of steps — not just its limit σ_max — and its
+    gradient uvᵀ; few steps keep the estimate away from σ_max, so a wrong count would show."""
+    with jax.enable_x64(True):
+        w = jax.random.normal(jax.random.PRNGKey(shape[0]), shape, jnp.float64)
+        for steps in (0, 1, 3):
+            sigma, grad = _two_sided_power_iteration(w, steps)
+            np.testing.assert_allclose(float(spectral_norm(w, steps)), sigma, rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(jax.grad(spectral_norm)(w, steps)), grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="num_iterations"):
+        spectral_norm(jnp.ones((3, 2)), -1)
+
+
 def test_spectral_normalize_scales_every_block_to_unit_norm():
     stack = np.random.default_rng(4).standard_normal((2, 3, 6, 5)).astype(np.float32)
     out = np.asarray(spectral_normalize(jnp.asarray(stack), 50))
