@@ -54,8 +54,22 @@ Measured at ``--preset paper`` (SEGNN, fan_in weights, one seed each unless note
 | dense (default) | Adam (``--dual-optimizer adam``, as the public code) | **0.00394** | 0.00419 | 1869 | 76 min |
 | dense (default) | Adam, ``--seed 1`` | **0.00403** | 0.00431 | 1924 | 70 min |
 | dense (default) | Adam, ``--seed 2`` | **0.00391** | 0.00420 | 1974 | 71 min |
+| dense (default) | plain ascent (the preset's dual update) | **0.00395** | 0.00400 | 1739 | 71 min¹ |
+| dense (default) | plain ascent, ``--seed 1`` | **0.00391** | 0.00410 | 1764 | 66 min¹ |
 | in_kernel | Adam | 0.00470 | 0.00469 | 1994 | 63 min |
 | dense | plain ascent + PI (``--dual-proportional 10000``) | 0.00438 | 0.00438 | 1939 | 70 min |
+
+¹ Both plain-ascent runs were paused (SIGSTOP) for about 13 min (seed 0: 17 min) while
+benchmarks ran; the wall times include the pauses.
+
+With plain ascent (``--dual-optimizer ascent``, the preset's default; run for seeds 0 and 1
+after the Adam runs, settings fixed beforehand) the projection reaches 0.00395 / 0.00391,
+mean 0.00393, level with the Adam dual's 0.00396 ± 0.00005: neither dual update reaches the
+paper's 3.8e-3 here. γ does not settle under plain ascent either: it oscillates about zero from
+the first epochs on, with a period that shortens from ~120 to ~62 epochs (layer 0's message γ
+changes sign at epochs 25, 84, 139, … and every 30–31 epochs after epoch 1500), |γ| reaches
+0.38 over epochs 1500–2000 and ends at −0.25 … −0.36 in every layer; the selected epochs
+(1739, 1764) are not at a zero crossing.
 
 Earlier model (node Y0 = mean_j Y0 + Y0(v) ≈ 0.56, otherwise the same):
 
