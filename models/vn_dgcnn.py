@@ -67,10 +67,13 @@ the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_
   12.27 s (1.36×) before the EdgeConv products ran per point. The per-axis products run as
   one batched product with xyz moved to the front (:func:`_vn_product`), and the branches'
   spectral norms by power iteration on the Gram matrix (:func:`ace_jax.spectral_norm`);
-  measured interleaved in one process, the ACE step took 4.33 s with three products on
-  strided slices, 4.10 s with the batched product, 4.02 s adding the Gram iteration, and
-  3.94 s with no spectral normalisation at all (vanilla 3.54 s): the per-axis products, not
-  the normalisation, are most of what remains. The per-axis δ triples
+  timed interleaved in one process, the ACE step took 4.33 s with three products on strided
+  slices and 4.10 s with the batched product (vanilla 3.59 s); in a second, 4.08 s batched,
+  4.02 s adding the Gram iteration and 3.94 s with no spectral normalisation at all (vanilla
+  3.54 s): the per-axis products, not the normalisation, are most of what remains. (The
+  one-core 1.00× above is for the strided products; repeated with the batched ones and the
+  other core busy it read 1.17×, but with a p90 of 2.75 s on a 1.63 s vanilla median — too
+  noisy to compare.) The per-axis δ triples
   each VN-Linear's weight count (3.7 M parameters against the vanilla 1.8 M, most of it the
   MLP head). Quick study (one seed, ``python -m experiments.modelnet --preset quick
   --branch-kind K``): ACE projection class
