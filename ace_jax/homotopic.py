@@ -101,7 +101,10 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
     The iterates are computed in the smaller of the two spaces through the Gram matrix:
     v ← WᵀW v / ‖WᵀW v‖ when out ≤ in, u ← W Wᵀ u / ‖W Wᵀ u‖ when in < out — the same
     vectors (up to rounding) with one mat-vec per step instead of two, which matters on CPU,
-    where each tiny dependent op costs more to dispatch than its arithmetic.
+    where each tiny dependent op costs more to dispatch than its arithmetic. Forming the Gram
+    matrix takes min(in, out)²·max(in, out) multiply-adds, more than the 2·n·in·out of the
+    mat-vecs it replaces: cheap at branch sizes (VN-DGCNN's 672 × 336 kernels: the ACE step
+    went from 4.08 to 4.02 s), not meant for kernels with thousands of rows and columns.
     """
     if kernel.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D kernel, got shape {kernel.shape}")
