@@ -93,8 +93,10 @@ as a replication of the 6-seed result) were added later.
   critical |t| = 2.31; it stays so after a Bonferroni correction for the two targets); on ZPVE
   it is not (p = 0.10).
 - The full model equals the projection to 4 digits (final |γ| ≤ 3e-4).
-- The paper's SchNet width (``--features 64 --interactions 6``), same options, ZPVE, seed 0:
-  vanilla 0.006912 eV (2070 s), ACE projection 0.006837 (−1.1 %, 2156 s). One seed.
+- The paper's SchNet width (``--features 64 --interactions 6``), same options, ZPVE: seed 0
+  vanilla 0.006912 eV (2070 s), ACE projection 0.006837 (−1.1 %, 2156 s); seed 1 (run later)
+  vanilla 0.006584 (2053 s), ACE 0.006805 (+3.4 %, 2136 s). At this width ACE is not better
+  over two seeds (means 0.006748 against 0.006821).
 - With κ = 100 and dual step 1e-3 instead (no decay, seed 0), γ swung by up to 0.86 either
   side of 0 for 12 epochs, and ZPVE ended at 0.01283, against vanilla's 0.01142.
 - Branches started small (``--branch-init-scale 0.01``; the EGNN default, where it stopped a
