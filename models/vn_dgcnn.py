@@ -68,7 +68,8 @@ the invariant layer carries one (15 γ in all). Three kinds of branch (``branch_
   one batched product with xyz moved to the front (:func:`_vn_product`), and the branches'
   spectral norms by power iteration on the Gram matrix (:func:`ace_jax.spectral_norm`);
   timed interleaved in one process, the ACE step took 4.33 s with three products on strided
-  slices and 4.10 s with the batched product (vanilla 3.59 s); in a second, 4.08 s batched,
+  slices, 4.36 s with the einsum "...ci,icd->...di" and 4.10 s with the batched product
+  (vanilla 3.59 s); in a second, 4.08 s batched,
   4.02 s adding the Gram iteration and 3.94 s with no spectral normalisation at all (vanilla
   3.54 s): the per-axis products, not the normalisation, are most of what remains. (The
   one-core 1.00× above is for the strided products; repeated with the batched ones and the
@@ -245,9 +246,8 @@ def _vn_product(x: jax.Array, weight: jax.Array) -> jax.Array:
     if weight.ndim == 2:
         return jnp.einsum("...ci,cd->...di", x, weight)
     # per-axis weights: move xyz to the front, one batched product (batch = axis, leading, so
-    # no further operand copies), move it back — at the paper's size (batch 32) the ACE step
-    # took 4.10 s this way against 4.33 s with three products on strided slices and 4.36 s
-    # with the einsum "...ci,icd->...di" (vanilla 3.59 s; 2 cores, interleaved)
+    # no further operand copies), move it back; faster at the paper's size than three products
+    # on strided slices or the einsum "...ci,icd->...di" (timings in the module docstring)
     moved = jnp.moveaxis(x, -1, 0)  # (3, ..., C)
     product = jax.lax.dot_general(moved, weight, (((moved.ndim - 1,), (1,)), ((0,), (0,))))  # (3, ..., D)
     return jnp.moveaxis(product, 0, -1)
