@@ -79,10 +79,11 @@ the γ gradients or the guard. XLA CPU flags do not change that. Without YNNPACK
 YNNPACK fusions at 1.19×, and with the concurrency-optimised scheduler at 1.20×. The last two
 slow vanilla from 24 to 45 ms. ``--xla_cpu_use_xnnpack=false`` gave 1.22×, against 1.23× with
 the defaults. Nor is it the number of XLA ops: the compiled ACE step has 1321 top-level ops
-against vanilla's 1054 (1.25×; 532 of ACE's are the NaN guard's per-leaf selects and finiteness
-reductions), but checking finiteness in one reduction over the concatenated gradients and
-flattening Adam's state (``optax.flatten``) cut them to 885 and 707 and left the ratio at
-1.28× (interleaved, both cores: vanilla 25.1 → 23.9 ms, ACE 31.9 → 30.7 ms).
+against vanilla's 1054 (1.25×; 532 of ACE's are per-leaf fusions rooted at the NaN guard's
+selects, which carry the optimizer updates, and its finiteness checks), but checking finiteness
+in one reduction over the concatenated gradients and flattening Adam's state (``optax.flatten``)
+cut them to 885 and 707 and left the ratio at 1.28× (1.27× before; interleaved, both cores:
+vanilla 25.1 → 23.9 ms, ACE 31.9 → 30.7 ms).
 An earlier 1.50× for rank 16 was the allocator, not the branch: that step's scratch memory
 (32.9 MiB) crossed glibc's 32 MiB mmap threshold, so every step faulted in 33 MiB of fresh
 pages (5418 faults per step; experiments/benchmark.py). With γ folded into the branch weights
