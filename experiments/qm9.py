@@ -102,7 +102,8 @@ as a replication of the 6-seed result) were added later.
   gain. Cv went the same way as before on all four new seeds (−1.4 %, p = 0.057 with 3
   degrees of freedom); over 13 seeds it is −2.1 % (p = 0.002). Runs: one core each,
   vanilla 422–451 s, ACE 430–479 s.
-- So at this budget ACE's Cv gain is reproducible and its ZPVE gain is not.
+- So at this budget ACE's Cv gain held up in the replication (the same sign on every new
+  seed, though p = 0.057 on the new seeds alone) and its ZPVE gain did not.
 - The full model equals the projection to 4 digits (final |γ| ≤ 3e-4).
 - The paper's SchNet width (``--features 64 --interactions 6``), same options, ZPVE: seed 0
   vanilla 0.006912 eV (2070 s), ACE projection 0.006837 (−1.1 %, 2156 s); seed 1 (run later)
