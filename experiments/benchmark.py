@@ -25,7 +25,8 @@ faults per step) all pay it: with that setting the vanilla QM9-SEGNN step went f
 345 ms and the SchNet step from 199 to 155 ms.
 
 On one NVIDIA H200 (README, "On a GPU"; one run per model, 100 steps) the small graph steps
-are bound by kernel count rather than arithmetic: vanilla / ACE SEGNN 6.76 / 9.84 ms (1.46×),
+run far below the card's arithmetic and memory rates, so their time seems to follow the number
+of kernels rather than the arithmetic (an inference; no profiler was run): vanilla / ACE SEGNN 6.76 / 9.84 ms (1.46×),
 SEGNN rank 16 7.83 / 12.52 ms (1.60×), EGNN 3.93 / 5.34 ms (1.36×), SchNet 3.93 / 6.08 ms
 (1.55×), while VN-DGCNN (batch 32) takes 15.29 / 14.55 ms (0.95×).
 
