@@ -66,7 +66,11 @@ vanilla,ace --steps 200`` and an A/B script): rank-16 ACE 1.19–1.20× the vani
 The same benchmark pinned to one core (``taskset -c 0``) gives 1.09× (rank 16) and 1.12× (dense):
 vanilla 53.9 / 52.4 ms, ACE 58.7 / 58.8 ms. With both cores vanilla drops to 34.7–35.1 ms (1.5×
 faster) but ACE only to 41.8 / 42.8 ms: the work ACE adds does not share in the second core's
-speed-up. Where the branch sits is not the reason: a prototype whose branches read the layer's
+speed-up. The reason is the size of the branches' products: a 500 × 128 × 128 product with its
+two backward products takes 0.36 ms on one core and 0.42–0.47 ms on two (XLA does not split
+it; products of 2000 rows, the per-edge size, do speed up 1.2–1.3×), so the eight dense
+branches are 2.9–3.8 ms of serial work, 12–16 % of the two-core vanilla step before any other
+cost (``python -m experiments.benchmark_products --out DIR``; its docstring has the table). Where the branch sits is not the reason: a prototype whose branches read the layer's
 input (so XLA could run them beside the block's products) measured 1.21× against 1.23×.
 Nor is it the rest of the Lagrangian step: timed interleaved on 2 cores (vanilla 24.4 ms), ACE
 took 30.5 ms; ACE without the dual update (γ still learned) 30.5 ms; with γ fixed, no dual,

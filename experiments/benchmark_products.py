@@ -1,0 +1,165 @@
+"""Does a branch-sized matrix product use more than one CPU core?
+
+    python -m experiments.benchmark_products --out DIR [--rows 500,2000,8000] [--width 128]
+        [--rank 16] [--steps 300]
+
+A Linear ACE branch on a block's flattened output is, per training step, three products of
+the same size: the forward product y = x W and the two backward ones, ∂L/∂x = ȳ Wᵀ and
+∂L/∂W = xᵀ ȳ. For x (M, n) and W (n, n) that is 3 · 2Mn² FLOPs. This script jit-compiles
+exactly those three products (the gradient of ⟨x W, c⟩ for a fixed c) for each row count M,
+and with ``--rank r`` also the factored branch x A B (A (n, r), B (r, n)), and times them twice
+in fresh processes: pinned to one CPU (``os.sched_setaffinity`` before JAX starts) and on every
+CPU of the process. The ratio of the two medians is the speed-up the extra cores give that
+product. Prints a table and writes DIR/benchmark_products.json: a list of records ``{"rows",
+"width", "rank", "ms_one_cpu", "ms_all_cpus", "speedup", "cpus"}`` (rank None = the full
+n × n product).
+
+Why it exists. The N-body SEGNN with dense ACE branches (experiments/nbody.py; batch 100
+graphs of 5 nodes, features 32x0e + 32x1o = 128 numbers per node) runs eight such branches
+per step, each on M = 500 node rows. Measured on this project's 2-core CPU, three runs of
+``python -m experiments.benchmark_products --out DIR --rows 500,2000,8000 --rank 16`` (the
+last two with ``--steps 1000``), median ms of the three products:
+
+| rows M | full 128 × 128, 1 CPU | 2 CPUs | speed-up | rank 16, 1 CPU | 2 CPUs | speed-up |
+|---|---|---|---|---|---|---|
+| 500 | 0.357 | 0.418–0.470 | 0.76–0.85× | 0.178–0.181 | 0.207–0.224 | 0.81–0.87× |
+| 2000 | 1.37–1.45 | 1.15–1.17 | 1.17–1.27× | 0.62–0.64 | 0.46–0.49 | 1.28–1.37× |
+| 8000 | 6.41–6.52 | 4.40–4.71 | 1.36–1.47× | 3.50–3.58 | 1.65–1.89 | 1.89–2.17× |
+
+A product of 500 rows does not get faster with a second core; it gets slower (thread
+hand-off costs more than it saves). Splitting it into two independent products of 250 rows
+did not help either (XLA's runtime did not run them side by side), and it stayed serial with
+XNNPACK off, with the YNNPACK/XNNPACK fusions off and with oneDNN (``XLA_FLAGS``; timed with a
+tanh on the product). Products of 2000 rows, the size of the equivariant layers' per-edge
+work, do use both cores. So the eight dense branches cost 8 × 0.36–0.47 = 2.9–3.8 ms of products per
+step whatever the core count — 12–16 % of the 23.5 ms vanilla step on two cores, before any
+other cost of ACE — while on one core they are 8 × 0.36 = 2.9 ms of a step of about 52 ms (6 %). That
+is why the N-body SEGNN's ACE / vanilla ratio is 1.09–1.12× pinned to one core but 1.22–1.28×
+on two (``experiments.benchmark --models segnn`` on the same machine: 23.5 vs 29.7 ms, 1.27×), and
+why the issue's ≤ 1.10× on two cores is out of reach for the paper's dense branch on this
+CPU. Rank-16 branches cost 1.4–1.8 ms of products (benchmark row ``segnn_rank16``: 1.16×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def parse_counts(text: str, name: str) -> list[int]:
+    """Comma-separated positive integers, e.g. "500,2000"; a clear error otherwise."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{name} must list integers >= 1, got {text!r}")
+    return values
+
+
+def time_products(rows: int, width: int, rank: int | None, steps: int, seed: int = 0) -> float:
+    """Median wall time (ms) of the forward and both backward products of one Linear branch.
+
+    Full branch: y = x W, x (rows, width), W (width, width). Factored (``rank`` r): y = (x A) B,
+    A (width, r), B (r, width). The timed function returns (∂L/∂x, ∂L/∂weights) of L = ⟨y, c⟩.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(keys[0], (rows, width))
+    cotangent = jax.random.normal(keys[1], (rows, width))
+    if rank is None:
+        weights = (jax.random.normal(keys[2], (width, width)),)
+    else:
+        weights = (jax.random.normal(keys[2], (width, rank)), jax.random.normal(keys[3], (rank, width)))
+
+    def loss(x, weights):
+        y = x
+        for w in weights:
+            y = y @ w
+        return jnp.vdot(y, cotangent)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(step(x, weights))
+    for _ in range(min(steps, 20)):  # warm-up
+        jax.block_until_ready(step(x, weights))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step(x, weights))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def _worker(args) -> None:
+    if args.one_cpu:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before JAX creates its threads
+    ranks = [None] + ([args.rank] if args.rank else [])
+    out = []
+    for rows in parse_counts(args.rows, "--rows"):
+        for rank in ranks:
+            out.append({"rows": rows, "width": args.width, "rank": rank,
+                        "ms": time_products(rows, args.width, rank, args.steps)})
+    print(json.dumps({"cpus": len(os.sched_getaffinity(0)), "results": out}))
+
+
+def _run_worker(argv: list[str], one_cpu: bool) -> dict:
+    command = [sys.executable, "-m", "experiments.benchmark_products", "--worker", *argv]
+    if one_cpu:
+        command.append("--one-cpu")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", default="500,2000,8000", help="row counts M (comma-separated)")
+    parser.add_argument("--width", type=int, default=128, help="branch width n")
+    parser.add_argument("--rank", type=int, default=16, help="also time the rank-r factored branch (0: no)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one-cpu", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    parse_counts(args.rows, "--rows")
+    if args.width < 1 or args.rank < 0 or args.steps < 1:
+        raise ValueError(f"--width and --steps must be >= 1 and --rank >= 0, got {args.width}, {args.steps}, {args.rank}")
+    if args.worker:
+        _worker(args)
+        return None
+    if args.out is None:
+        parser.error("--out is required")
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("pinning to one CPU needs os.sched_setaffinity (Linux)")
+
+    from experiments.common import markdown_table, write_json
+
+    shared = ["--rows", args.rows, "--width", str(args.width), "--rank", str(args.rank), "--steps", str(args.steps)]
+    one = _run_worker(shared, one_cpu=True)
+    every = _run_worker(shared, one_cpu=False)
+    records = []
+    for a, b in zip(one["results"], every["results"]):
+        records.append({"rows": a["rows"], "width": a["width"], "rank": a["rank"],
+                        "ms_one_cpu": round(a["ms"], 6), "ms_all_cpus": round(b["ms"], 6),
+                        "speedup": round(a["ms"] / b["ms"], 3), "cpus": every["cpus"]})
+    header = ["rows", "width", "rank", "1 CPU ms", f"{every['cpus']} CPUs ms", "speed-up"]
+    table = [[r["rows"], r["width"], r["rank"] or "full", f"{r['ms_one_cpu']:.3f}", f"{r['ms_all_cpus']:.3f}",
+              f"{r['speedup']:.2f}x"]
+             for r in records]
+    print(markdown_table(header, table))
+    write_json(f"{args.out}/benchmark_products.json", records)
+    return records
+
+
+if __name__ == "__main__":
+    main()
