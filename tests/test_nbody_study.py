@@ -121,7 +121,7 @@ def test_benchmark_case_shapes():
 def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     data = random_data(24)
     monkeypatch.setattr(study, "load_splits", lambda *a, **k: dict(zip(("train", "val", "test"), split(data, 8, 8, 8))))
-    monkeypatch.setattr(study, "make_model", lambda *a, **k: None)
+    monkeypatch.setattr(study, "make_model", lambda *a, **k: EGNN(hidden=8, num_layers=1))  # tiny_task's model
     monkeypatch.setattr(study, "make_task", lambda model, example: tiny_task)
     monkeypatch.setitem(study.PRESETS, "quick", {**study.PRESETS["quick"], "batch_size": 4})
     out = tmp_path / "run"
@@ -133,7 +133,7 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     assert results["config"]["branch_init_scale"] == 0.01  # EGNN's default, recorded as used
     assert set(results["methods"]) == {"ace-resilient"}
     keys = {"test_mse_projection", "test_mse_full", "test_mse_projection_per_seed", "test_mse_full_per_seed",
-            "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "wall_s"}
+            "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "equivariance_full", "wall_s"}
     for name, entry in results["methods"].items():
         assert set(entry) == keys, name
         for key in ("test_mse_projection", "test_mse_full"):
@@ -141,6 +141,10 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
             assert entry[f"{key}_per_seed"] == [pytest.approx(entry[key]["mean"])]  # one seed: its value is the mean
         assert entry["seeds"] == [0] and entry["best_epoch"] == [0] and entry["wall_s"] > 0
         assert len(entry["final_gammas"][0]) == 1  # one layer: only the coordinate branch
+        equivariance = entry["equivariance_full"]
+        assert equivariance["examples"] == 8 and equivariance["rotations"] == study.EQUIVARIANCE_ROTATIONS
+        for group in ("so3", "z"):  # γ ≠ 0 after one epoch: the full model is not equivariant
+            assert equivariance[group]["mean"] > 1e-6 and len(equivariance[f"{group}_per_seed"]) == 1
         assert (out / name / "seed0" / "log.jsonl").exists()
         assert (out / f"trajectories_{name}.png").exists()
     resilient = results["methods"]["ace-resilient"]
@@ -195,3 +199,40 @@ def test_branch_init_scale_reaches_egnn_only():
         study.make_model("segnn", branch_init_scale=0.01)
     assert study.egnn_branch_init_scale("egnn", None) == study.make_model("egnn").branch_init_scale == 0.01
     assert study.egnn_branch_init_scale("egnn", 1.0) == 1.0 and study.egnn_branch_init_scale("segnn", None) is None
+
+
+def test_equivariance_report_matches_hand_result_for_a_field_like_model():
+    """d(x) = v + c ẑ commutes with rotations about z only: e(z) is round-off, and e(SO(3)) is
+    mean_R c‖ẑ − R ẑ‖ / mean ‖v_i + c ẑ‖ exactly (same rotations, drawn from the same key)."""
+    data = random_data(40, seed=5)
+    c = 0.7
+    z = jnp.array([0.0, 0.0, 1.0])
+
+    def predict(variables, ex, project):
+        del variables, project
+        return ex["loc"] + ex["vel"] + c * z
+
+    key = jax.random.PRNGKey(9)
+    report = study.equivariance_report(predict, {}, data, key, num_examples=30, num_rotations=5)
+    assert report["z"] < 1e-6
+    key_all, _ = jax.random.split(key)
+    rotations = np.asarray(ace_jax.random_rotation(key_all, (5,)))
+    numerator = np.mean([c * np.linalg.norm(np.asarray(z) - r @ np.asarray(z)) for r in rotations])
+    denominator = np.mean(np.linalg.norm(data["vel"][:30] + c * np.asarray(z), axis=-1))
+    assert report["so3"] == pytest.approx(numerator / denominator, rel=1e-4)
+    with pytest.raises(ValueError, match="num_rotations"):
+        study.equivariance_report(predict, {}, data, key, num_rotations=0)
+
+
+def test_equivariance_report_is_round_off_without_branches_and_large_with_them():
+    data = random_data(12, seed=6)
+    model = EGNN(hidden=8, num_layers=1, branch_init_scale=1.0)
+    predict = study.make_predict(model)
+    ex = {k: v[0] for k, v in data.items()}
+    key = jax.random.PRNGKey(0)
+    vanilla = model.init(key, ex["loc"], ex["vel"], ex["charges"], project=True)
+    broken = model.init(key, ex["loc"], ex["vel"], ex["charges"], project=False)  # γ = 1
+    exact = study.equivariance_report(predict, vanilla, data, key, num_examples=12, num_rotations=3)
+    assert exact["so3"] < 1e-5 and exact["z"] < 1e-5
+    full = study.equivariance_report(predict, broken, data, key, num_examples=12, num_rotations=3)
+    assert full["so3"] > 1e-3 and full["z"] > 1e-3
