@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -20,6 +21,7 @@ def test_time_products_times_full_and_factored_branches():
         benchmark_products.time_products(8, 4, None, steps=0)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning to one CPU needs Linux")
 def test_cli_writes_one_record_per_shape_with_both_timings(tmp_path):
     records = benchmark_products.main(
         ["--out", str(tmp_path), "--rows", "8,16", "--width", "4", "--rank", "2", "--steps", "3"])
