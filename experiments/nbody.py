@@ -402,6 +402,12 @@ EQUIVARIANCE_EXAMPLES = 500
 EQUIVARIANCE_ROTATIONS = 8
 
 
+@partial(jax.jit, static_argnums=(0, 3))
+def _displacements(predict, variables, inputs: dict, project: bool) -> jax.Array:
+    """f(x) − x for a batch of graphs; one program per (predict, project), reused across seeds."""
+    return jax.vmap(lambda ex: predict(variables, ex, project))(inputs) - inputs["loc"]
+
+
 def equivariance_report(predict, variables, data: dict, key: jax.Array, num_examples: int = EQUIVARIANCE_EXAMPLES,
                         num_rotations: int = EQUIVARIANCE_ROTATIONS) -> dict:
     """How equivariant the FULL model (γ as trained) is, under all rotations and under rotations about z.
@@ -424,11 +430,9 @@ def equivariance_report(predict, variables, data: dict, key: jax.Array, num_exam
         raise ValueError(f"num_examples and num_rotations must be >= 1, got {num_examples}, {num_rotations}")
     inputs = {k: jnp.asarray(data[k][:num_examples]) for k in ("loc", "vel", "charges")}
     project = not jax.tree.leaves(variables.get("gamma", {}))  # no branches: the model is its projection
-    displacement = jax.jit(
-        lambda v, x: jax.vmap(lambda ex: predict(v, ex, project))(x) - x["loc"])
 
     def f(x):
-        return displacement(variables, x)
+        return _displacements(predict, variables, x, project)
 
     def act_in(rotation, x):
         return {**x, "loc": x["loc"] @ rotation.T, "vel": x["vel"] @ rotation.T}
@@ -598,8 +602,10 @@ def run_study(args: argparse.Namespace) -> dict:
                 for s, d in zip(seeds, run_dirs)
             ]
         entry = method_summary(results, seeds)
-        # same rotations for every method of a seed (paired); the test split the study reports on
-        reports = [equivariance_report(make_predict(model), r.best_variables, splits["test"],
+        # same rotations for every method of a seed (paired); the test split the study reports on;
+        # one predict per method, so the seeds share one compiled program
+        predict = make_predict(model)
+        reports = [equivariance_report(predict, r.best_variables, splits["test"],
                                        jax.random.fold_in(jax.random.PRNGKey(s), 1)) for s, r in zip(seeds, results)]
         entry["equivariance_full"] = {
             **{name: summarize([rep[name] for rep in reports]) for name in ("so3", "z")},

@@ -70,8 +70,9 @@ speed-up. The reason is the size of the branches' products: a 500 × 128 × 128 
 two backward products takes 0.36 ms on one core and 0.42–0.47 ms on two (XLA does not split
 it; products of 2000 rows, the per-edge size, do speed up 1.2–1.3×), so the eight dense
 branches are 2.9–3.8 ms of serial work, 12–16 % of the two-core vanilla step before any other
-cost (``python -m experiments.benchmark_products --out DIR``; its docstring has the table). Where the branch sits is not the reason: a prototype whose branches read the layer's
-input (so XLA could run them beside the block's products) measured 1.21× against 1.23×.
+cost (``python -m experiments.benchmark_products --out DIR``; its docstring has the table).
+Where the branch sits is not the reason: a prototype whose branches read the layer's input
+(so XLA could run them beside the block's products) measured 1.21× against 1.23×.
 Nor is it the rest of the Lagrangian step: timed interleaved on 2 cores (vanilla 24.4 ms), ACE
 took 30.5 ms; ACE without the dual update (γ still learned) 30.5 ms; with γ fixed, no dual,
 branches still evaluated and trained, 30.1 ms; ACE without the step's NaN guard 31.6 ms (vanilla
