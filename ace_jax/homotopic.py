@@ -131,14 +131,21 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
     return u @ kernel @ jax.lax.stop_gradient(v)
 
 
-def spectral_normalize(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
+def spectral_normalize(kernel: jax.Array, num_iterations: int = 10, *, bound: bool = False) -> jax.Array:
     """``W / σ_max(W)`` for every ``(fan_in, fan_out)`` matrix of a ``(*blocks, fan_in, fan_out)``
-    stack (each block by its own :func:`spectral_norm`; σ floored at 1e-12), so ‖x W_b‖ ≤ ‖x‖."""
+    stack (each block by its own :func:`spectral_norm`; σ floored at 1e-12), so ‖x W_b‖ ≤ ‖x‖.
+
+    With ``bound=True`` it is ``W / max(1, σ_max(W))`` instead: the same guarantee ‖x W_b‖ ≤ ‖x‖,
+    but a block already inside it is left as it is, so a kernel initialised small stays small
+    (W / σ_max rescales every kernel to σ_max = 1 whatever its initialiser). The two agree
+    exactly, values and gradients, wherever σ_max > 1.
+    """
     if kernel.ndim < 2:
         raise ValueError(f"spectral_normalize expects (*blocks, fan_in, fan_out), got shape {kernel.shape}")
     blocks = kernel.reshape((-1,) + kernel.shape[-2:])
     sigma = jax.vmap(lambda w: spectral_norm(w, num_iterations))(blocks)
-    return kernel / jnp.maximum(sigma, 1e-12).reshape(kernel.shape[:-2] + (1, 1))
+    floor = 1.0 if bound else 1e-12
+    return kernel / jnp.maximum(sigma, floor).reshape(kernel.shape[:-2] + (1, 1))
 
 
 class SpectralDense(nn.Module):
@@ -146,19 +153,24 @@ class SpectralDense(nn.Module):
 
     Needed for the resilient variant (METHOD.md §5), where it keeps ‖g_i‖ and hence the
     equivariance error of the full model bounded in terms of |γ_i|.
+
+    With ``bound=True`` the layer is ``x W / max(1, σ_max(W)) + b``: Lipschitz constant at most
+    1 rather than equal to 1, so the scale of ``kernel_init`` survives when it is below 1 (a
+    branch started small, :func:`branch_output_init`). Same numbers as the default once σ_max > 1.
     """
 
     features: int
     use_bias: bool = True
     num_iterations: int = 10
     kernel_init: Callable = nn.initializers.lecun_normal()
+    bound: bool = False
 
     @nn.compact
     def __call__(self, x, scale=None):
         """``x`` (..., d_in) → (..., features); ``scale`` (a scalar) multiplies the output,
         applied to the normalised kernel and the bias rather than to the output rows."""
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        kernel = spectral_normalize(kernel, self.num_iterations)
+        kernel = spectral_normalize(kernel, self.num_iterations, bound=self.bound)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         return _affine(x, kernel, bias, scale)
 
@@ -217,7 +229,10 @@ class MLPBranch(nn.Module):
       activation: nonlinearity between layers.
       output_kernel_init: initialiser of the last layer's kernel (None = LeCun normal, as
         every other layer). A small one starts the branch near g = 0, so ``γ·g`` cannot swamp
-        the equivariant path at γ = 1 while ∂L/∂W = γ·(…) still lets the branch grow.
+        the equivariant path at γ = 1 while ∂L/∂W = γ·(…) still lets the branch grow. With
+        ``spectral=True`` the last layer is then ``SpectralDense(bound=True)``, W / max(1, σ_max):
+        still 1-Lipschitz, but without rescaling the small kernel up to σ_max = 1 (plain W / σ_max
+        would undo any initial scale).
     """
 
     features: int
@@ -238,6 +253,8 @@ class MLPBranch(nn.Module):
         for i, width in enumerate(self.hidden):
             x = self.activation(dense(width, name=f"{prefix}_{i}")(x))
         last = {} if self.output_kernel_init is None else {"kernel_init": self.output_kernel_init}
+        if self.spectral and self.output_kernel_init is not None:
+            last["bound"] = True  # keep the requested start scale (see output_kernel_init)
         return dense(self.features, name=f"{prefix}_{len(tuple(self.hidden))}", **last)(x, output_scale)
 
 

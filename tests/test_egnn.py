@@ -118,12 +118,15 @@ def test_bad_shapes_raise():
         init(loc, vel, charges[:, 0])
 
 
-def test_branch_init_scale_shrinks_the_initial_branches():
+@pytest.mark.parametrize("spectral", [False, True])
+def test_branch_init_scale_shrinks_the_initial_branches(spectral):
+    """Also with spectrally normalised branches (resilient ACE), whose last layers must not
+    rescale the small kernel back up to σ_max = 1."""
     loc, vel, charges = graph(2)
     key = jax.random.PRNGKey(4)
 
     def branch_effect(scale):
-        model = EGNN(hidden=16, num_layers=2, branch_init_scale=scale)
+        model = EGNN(hidden=16, num_layers=2, branch_init_scale=scale, spectral_branch=spectral)
         params = jax.jit(model.init)(key, loc, vel, charges)
         full, proj = (model.apply(params, loc, vel, charges, project=p) for p in (False, True))
         return float(jnp.max(jnp.abs(full - proj))), params

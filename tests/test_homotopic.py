@@ -15,6 +15,7 @@ from ace_jax import (
     SpectralDense,
     SymmetryBreaking,
     WeightBranch,
+    branch_output_init,
     named_leaves,
     projected_variables,
     spectral_norm,
@@ -132,6 +133,43 @@ def test_spectral_normalize_scales_every_block_to_unit_norm():
         np.testing.assert_allclose(normalised, block / sigma, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="fan_in, fan_out"):
         spectral_normalize(jnp.ones(3))
+
+
+def test_spectral_normalize_bound_keeps_blocks_inside_the_bound():
+    """W / max(1, σ): a block with σ < 1 is unchanged, one with σ > 1 is W / σ, with the
+    same gradient as the plain normalisation there."""
+    rng = np.random.default_rng(5)
+    blocks = rng.standard_normal((2, 6, 5)).astype(np.float32)
+    sigmas = np.linalg.svd(blocks, compute_uv=False)[:, 0]
+    blocks[0] *= 0.3 / sigmas[0]
+    blocks[1] *= 4.0 / sigmas[1]
+    out = np.asarray(spectral_normalize(jnp.asarray(blocks), 50, bound=True))
+    np.testing.assert_allclose(out[0], blocks[0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], blocks[1] / 4.0, rtol=1e-4, atol=1e-6)
+    probe = jnp.asarray(rng.standard_normal((6, 5)).astype(np.float32))
+    grads = [jax.grad(lambda w, b=b: jnp.sum(spectral_normalize(w, 50, bound=b) * probe))(jnp.asarray(blocks[1]))
+             for b in (False, True)]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_spectral_mlp_branch_keeps_a_small_output_init_and_stays_1_lipschitz():
+    """A spectral branch with a small output init starts small (plain W / σ_max would rescale
+    it to the same output as a LeCun init), and blowing its kernel up cannot push it past 1."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+    key = jax.random.PRNGKey(1)
+
+    def output_norm(scale):
+        branch = MLPBranch(3, hidden=(8,), spectral=True, output_kernel_init=branch_output_init(scale))
+        return float(jnp.linalg.norm(branch.apply(branch.init(key, x), x)))
+
+    assert 0.0 < output_norm(0.01) < 0.2 * output_norm(1.0)  # kernels 0.1x apart; σ_max(LeCun 8x3) > 1
+    linear = MLPBranch(3, spectral=True, output_kernel_init=branch_output_init(0.01))
+    params = linear.init(key, x)["params"]
+    blown_up = jax.tree.map(lambda w: 1e3 * w, params)
+    sigma = np.linalg.svd(np.asarray(blown_up["SpectralDense_0"]["kernel"]), compute_uv=False)[0]
+    assert sigma > 10.0
+    gaps = jnp.linalg.norm(linear.apply({"params": blown_up}, x) - linear.apply({"params": blown_up}, x[::-1]), axis=-1)
+    assert bool(jnp.all(gaps <= jnp.linalg.norm(x - x[::-1], axis=-1) * (1 + 1e-3) + 1e-6))
 
 
 def test_spectral_dense_is_1_lipschitz():
