@@ -32,6 +32,18 @@ def equivariance_error(
 
     Returns: a scalar. For an exactly equivariant f it is at floating-point round-off.
     """
+    return _error_and_output(f, x, elements, act_in, act_out, norm_axes)[0]
+
+
+def relative_equivariance_error(f, x, elements, act_in, act_out, norm_axes=-1) -> jax.Array:
+    """:func:`equivariance_error` divided by mean ‖f(x)‖ (scale-free)."""
+    error, fx = _error_and_output(f, x, elements, act_in, act_out, norm_axes)
+    scale = jnp.mean(jnp.sqrt(jnp.sum(fx**2, axis=norm_axes)))
+    return error / jnp.maximum(scale, 1e-12)
+
+
+def _error_and_output(f, x, elements, act_in, act_out, norm_axes):
+    """(:func:`equivariance_error`, f(x)): f is evaluated once on x and once per element."""
     elements = list(elements)
     if not elements:
         raise ValueError("equivariance_error needs at least one group element")
@@ -40,14 +52,7 @@ def equivariance_error(
     for g in elements:
         diff = f(act_in(g, x)) - act_out(g, fx)
         errors.append(jnp.mean(jnp.sqrt(jnp.sum(diff**2, axis=norm_axes))))
-    return jnp.mean(jnp.stack(errors))
-
-
-def relative_equivariance_error(f, x, elements, act_in, act_out, norm_axes=-1) -> jax.Array:
-    """:func:`equivariance_error` divided by mean ‖f(x)‖ (scale-free)."""
-    fx = f(x)
-    scale = jnp.mean(jnp.sqrt(jnp.sum(fx**2, axis=norm_axes)))
-    return equivariance_error(f, x, elements, act_in, act_out, norm_axes) / jnp.maximum(scale, 1e-12)
+    return jnp.mean(jnp.stack(errors)), fx
 
 
 def equivariance_bound(gammas: Sequence[float], lipschitz: float, branch_bound: float) -> float:
