@@ -160,7 +160,8 @@ class EGNN(nn.Module):
         untrained full model's MSE is then 3–16 against 0.2–0.6 for its projection (init seeds
         0–9; 0.2–0.6 also with 0.01), and one paper run in three diverged. With 0.01 all three
         trained and beat vanilla (experiments/nbody.py). The branch still trains from a small
-        start: ∂L/∂W = γ·∂L/∂g·z.
+        start: ∂L/∂W = γ·∂L/∂g·z. With ``spectral_branch`` the small start is kept too: the
+        last branch layer is then W / max(1, σ_max) (:class:`ace_jax.MLPBranch`), not W / σ_max.
 
     With ``project=True`` the equivariant projection is computed (branches not evaluated).
     """
