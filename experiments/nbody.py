@@ -196,6 +196,24 @@ test graphs, 8 rotations) under all rotations and under rotations about z:
   deployed projection does not gain (0.00752 against 0.00731): the constraint removes exactly
   what the field needs.
 
+Two more field strengths for SEGNN (``--methods vanilla,ace-resilient --field F``, F = 0.1 and
+1.0, seeds 0–2, otherwise the command above; fixed before the runs; 924–1010 s per run on one
+core). With E = 0 and 0.3 from the table, resilient ACE's full model against vanilla:
+
+| E | vanilla | ace-resilient, full model | per seed | projection | SO(3) / about-z error ratio |
+|---|---|---|---|---|---|
+| 0 | 0.00483 ± 0.00030 | 0.00477 ± 0.00029 | −4 %, −3 %, +4 % | 0.00477 | ≈ 1 (equivariant) |
+| 0.1 | 0.00624 ± 0.00003 | 0.00599 ± 0.00005 [0.00596 / 0.00596 / 0.00604] | −5 %, −5 %, −3 % | 0.00600 ± 0.00004 | 1.4–3.6 |
+| 0.3 | 0.00731 ± 0.00032 | 0.00618 ± 0.00011 | −13 %, −18 %, −15 % | 0.00771 | 10–15 |
+| 1.0 | 0.00390 ± 0.00002 | 0.00276 ± 0.00015 [0.00261 / 0.00289 / 0.00279] | −33 %, −26 %, −28 % | 0.01097 ± 0.00106 | 51–68 |
+
+The gain grows with the field: −1 %, −4 %, −15 %, −29 % (9 of 9 runs better with a field). At
+E = 0.1 the model stays nearly equivariant (max |γ| 0.000–0.009 at the selected epochs, SO(3)
+error 1.1e-4–5.3e-3) and its projection gains as much as its full model; at E = 1.0 it breaks
+SO(3) (error 7.7–9.9e-2) while its error about z stays at 1.3–1.5e-3, and its projection alone
+is far worse than vanilla (0.01097), so the branches carry the field. EGNN (below) gains at
+every strength too, but not monotonically (−7 %, −13 %, −10 %).
+
 The same study with EGNN (``--model egnn``, otherwise the same command; settings fixed
 before its runs; 233–290 s per run on one core):
 
