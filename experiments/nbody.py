@@ -287,7 +287,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ace_jax
-from ace_jax import Task, TrainConfig, random_orthogonal, random_rotation, relative_equivariance_error, rotation_about_axis
+from ace_jax import Task, TrainConfig, random_orthogonal, random_rotation, relative_equivariance_error, rotate_points
+from ace_jax import rotation_about_axis
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
 from experiments.common import summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
@@ -480,10 +481,10 @@ def equivariance_report(predict, variables, data: dict, key: jax.Array, num_exam
         return _displacements(predict, variables, x, project)
 
     def act_in(rotation, x):
-        return {**x, "loc": x["loc"] @ rotation.T, "vel": x["vel"] @ rotation.T}
+        return {**x, "loc": rotate_points(x["loc"], rotation), "vel": rotate_points(x["vel"], rotation)}
 
     def act_out(rotation, y):
-        return y @ rotation.T
+        return rotate_points(y, rotation)
 
     key_all, key_z = jax.random.split(key)
     rotations = {
