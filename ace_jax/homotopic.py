@@ -348,35 +348,42 @@ class WeightBranch(nn.Module):
 
     With ``spectral=True`` every ``(fan_in, fan_out)`` block is divided by its largest singular
     value, so ‖x δW_b‖ ≤ ‖x‖ per block: the breaking is bounded *relative to the layer input*
-    (Assumption 1 of METHOD.md, with the bound scaling with the input).
+    (Assumption 1 of METHOD.md, with the bound scaling with the input). With an explicit
+    ``kernel_init`` (None = LeCun normal) a spectral block is divided by max(1, σ_max) instead
+    (:func:`spectral_normalize` with ``bound=True``), as :class:`MLPBranch` does for its
+    ``output_kernel_init``: the same bound, but a block initialised small, e.g. with
+    :func:`branch_output_init`, keeps its start scale instead of being rescaled to σ_max = 1.
     """
 
     shape: Sequence[int]
     spectral: bool = True
     use_bias: bool = False
-    kernel_init: Callable = nn.initializers.lecun_normal()
+    kernel_init: Callable | None = None
 
     @nn.compact
     def __call__(self):
         shape = tuple(self.shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"WeightBranch shape must be (*blocks, fan_in, fan_out) with positive sizes, got {shape}")
-        kernel = self.param("kernel", self.kernel_init, shape)
+        init = nn.initializers.lecun_normal() if self.kernel_init is None else self.kernel_init
+        kernel = self.param("kernel", init, shape)
         if self.spectral:
-            kernel = spectral_normalize(kernel)
+            kernel = spectral_normalize(kernel, bound=self.kernel_init is not None)
         if not self.use_bias:
             return kernel
         return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:])
 
 
 def weight_breaking(
-    name: str, shape: Sequence[int], *, spectral: bool = True, gamma_init: float = 1.0, use_bias: bool = False
+    name: str, shape: Sequence[int], *, spectral: bool = True, gamma_init: float = 1.0, use_bias: bool = False,
+    kernel_init: Callable | None = None,
 ):
     """``γ·δW`` (and ``γ·δb`` with ``use_bias``) from a :class:`WeightBranch` of ``shape`` wrapped in
     :class:`SymmetryBreaking` named ``name``; call it inside a compact module, which then holds
     ``<name>/branch/kernel`` (params) and ``<name>/gamma`` (collection ``gamma``). The caller adds
-    the result to the weight of the layer it perturbs."""
-    return SymmetryBreaking(WeightBranch(shape, spectral, use_bias, parent=None), gamma_init, name=name)()
+    the result to the weight of the layer it perturbs. ``kernel_init`` as in :class:`WeightBranch`."""
+    branch = WeightBranch(shape, spectral, use_bias, kernel_init, parent=None)
+    return SymmetryBreaking(branch, gamma_init, name=name)()
 
 
 def summed_affine_branch(branch: Callable, total: jax.Array, count) -> jax.Array:

@@ -221,6 +221,28 @@ def test_weight_branch_blocks_are_spectrally_normalised_and_scaled_by_gamma():
         WeightBranch((4,)).init(jax.random.PRNGKey(0))
 
 
+def test_spectral_weight_branch_keeps_a_small_kernel_init_and_its_bound():
+    """With an explicit kernel_init a spectral WeightBranch divides each block by max(1, σ_max):
+    a block started at scale 0.01 keeps it (plain W / σ_max would rescale it to σ_max = 1), and
+    the same parameters blown up ×1000 come out with σ_max = 1, as without an init."""
+    small = WeightBranch((3, 6, 4), kernel_init=branch_output_init(0.01))
+    params = small.init(jax.random.PRNGKey(0))
+    kernel = np.asarray(params["params"]["kernel"])
+    raw_sigma = np.linalg.svd(kernel, compute_uv=False)[:, 0]
+    assert np.all(raw_sigma < 0.2)
+    np.testing.assert_allclose(np.asarray(small.apply(params)), kernel, rtol=1e-6)
+    blown_up = jax.tree.map(lambda w: 1e3 * w, params)
+    sigma = np.linalg.svd(np.asarray(small.apply(blown_up)), compute_uv=False)[:, 0]
+    np.testing.assert_allclose(sigma, 1.0, rtol=1e-3)
+    default = WeightBranch((3, 6, 4))  # LeCun init: every block at σ_max = 1, as before
+    sigma = np.linalg.svd(np.asarray(default.apply(default.init(jax.random.PRNGKey(0)))), compute_uv=False)[:, 0]
+    np.testing.assert_allclose(sigma, 1.0, rtol=1e-3)
+    folded = SymmetryBreaking(WeightBranch((6, 4), kernel_init=branch_output_init(0.01)), gamma_init=1.0)
+    variables = folded.init(jax.random.PRNGKey(1))
+    np.testing.assert_allclose(np.asarray(folded.apply(variables)), np.asarray(variables["params"]["branch"]["kernel"]),
+                               rtol=1e-6)
+
+
 def test_summed_affine_branch_equals_the_per_edge_sum():
     """Σ_j g(m_j) = n·g(Σ m_j / n) for affine g, per node with its own count (0 → 0)."""
     dense = nn.Dense(3)
