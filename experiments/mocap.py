@@ -174,9 +174,9 @@ def vertical_rigid_transform(rng: jax.Array, example: Mapping[str, jax.Array], t
     rotation = jnp.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]]) * jnp.array([flip, 1.0, 1.0])[None, :]
     shift = translation_scale * jax.random.normal(k_shift, (3,)) * jnp.array([1.0, 0.0, 1.0])
     out = dict(example)
-    out["loc"] = example["loc"] @ rotation.T + shift
-    out["target"] = example["target"] @ rotation.T + shift
-    out["vel"] = example["vel"] @ rotation.T
+    out["loc"] = ace_jax.rotate_points(example["loc"], rotation) + shift
+    out["target"] = ace_jax.rotate_points(example["target"], rotation) + shift
+    out["vel"] = ace_jax.rotate_points(example["vel"], rotation)
     return out
 
 

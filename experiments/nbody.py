@@ -419,7 +419,7 @@ def rotate_example(rng: jax.Array, example: dict) -> dict:
     q = random_orthogonal(rng)
     out = dict(example)
     for key in ("loc", "vel", "target"):
-        out[key] = example[key] @ q.T
+        out[key] = rotate_points(example[key], q)
     return out
 
 
