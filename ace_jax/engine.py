@@ -8,10 +8,14 @@ Read top to bottom, :func:`fit` does:
    method says so;
 3. every ``eval_every`` epochs evaluate the projection (γ = 0, branches not computed) and the
    full model on the validation set, keep the best variables by the projection's metric
-   (or the full model's), append a JSON line with losses and every γ_i, λ_i, u_i;
-4. checkpoint after every finished epoch (atomic write). A non-finite Lagrangian or
-   gradient stops the run with :class:`NonFiniteError`; the checkpoint on disk is the last
-   good one. ``resume=True`` continues from it and gives the numbers of an uninterrupted run;
+   (or the full model's; a non-finite validation score is never selected), append a JSON
+   line with losses and every γ_i, λ_i, u_i;
+4. checkpoint after every finished epoch (atomic write), with the run's settings
+   (:func:`run_fingerprint`). A non-finite Lagrangian or gradient stops the run with
+   :class:`NonFiniteError`; the checkpoint on disk is the last good one. ``resume=True``
+   continues from it and gives the numbers of an uninterrupted run; a checkpoint written
+   under other settings (seed, method, learning rates, batch size, …) is refused with an
+   error naming them, except a changed ``epochs`` where no schedule depends on it;
 5. evaluate the selected variables on the test set, projection and full model.
 """
 
@@ -154,8 +158,17 @@ def _primal_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if config.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    parts.append(optax.adamw(lr, weight_decay=config.weight_decay) if config.weight_decay else optax.adam(lr))
+    if config.weight_decay:
+        # decoupled decay on the network weights only: γ moves by ∇_γ L alone (METHOD.md §2)
+        parts.append(optax.adamw(lr, weight_decay=config.weight_decay, mask=_params_only))
+    else:
+        parts.append(optax.adam(lr))
     return optax.chain(*parts)
+
+
+def _params_only(primal: dict) -> dict:
+    """Mask for the primal tree ``{"params", "gamma"?}``: True on params, False on γ."""
+    return {name: jax.tree.map(lambda _: name == "params", tree) for name, tree in primal.items()}
 
 
 def method_loss(task: Task, method: Method):
@@ -352,11 +365,12 @@ def fit(
     ckpt_path = log_path = None
     start_epoch, history = 0, []
     best = {"score": None, "epoch": -1, "variables": state.variables(), "val": {}}
+    fingerprint = run_fingerprint(config, method, n_train)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path, log_path = out_dir / "checkpoint.msgpack", out_dir / "log.jsonl"
         if config.resume and ckpt_path.exists():
-            state, best, start_epoch, history = _restore(ckpt_path, state, best)
+            state, best, start_epoch, history = _restore(ckpt_path, state, best, fingerprint)
             log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         elif log_path.exists():
             log_path.unlink()
@@ -399,11 +413,10 @@ def fit(
             variables = state.variables()
             val_scores = {name: evaluate(variables, val, p) for name, p in project_eval.items()}
             record["val"] = val_scores
-            metric_name = config.select_metric or next(iter(val_scores["projection"]))
-            if metric_name not in val_scores[config.select_on]:
-                raise ValueError(f"select_metric {metric_name!r} not among {list(val_scores[config.select_on])}")
+            metric_name = selection_metric(config.select_metric, val_scores[config.select_on])
             score = sign * val_scores[config.select_on][metric_name]
-            if best["score"] is None or score < best["score"]:
+            # a non-finite validation score never becomes (or stays) the selected epoch
+            if np.isfinite(score) and (best["score"] is None or score < best["score"]):
                 best = {"score": score, "epoch": epoch, "variables": jax.device_get(variables), "val": val_scores}
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{record['train_loss']:.3g}", val=f"{val_scores['projection'][metric_name]:.3g}")
@@ -412,8 +425,13 @@ def fit(
         if out_dir is not None:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            _save(ckpt_path, state, best, epoch, history)
+            _save(ckpt_path, state, best, epoch, history, fingerprint)
 
+    if best["score"] is None and history:
+        raise NonFiniteError(
+            f"method {method.name!r}: the validation {config.select_on} metric was never finite, so no epoch "
+            "can be selected; the model produces NaN/inf on the validation split"
+        )
     test_scores = {}
     if test is not None:
         test_scores = {name: evaluate(best["variables"], test, p) for name, p in project_eval.items()}
@@ -438,7 +456,59 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list) -> None:
+def selection_metric(select_metric: str | None, scores: Mapping[str, float]) -> str:
+    """The metric model selection reads: ``select_metric``, or the task's only metric.
+
+    A task with several metrics must name one (jit returns metric dicts with sorted keys, so
+    "the first" would be the alphabetically first, not the task's first).
+    """
+    if select_metric is None:
+        if len(scores) != 1:
+            raise ValueError(f"the task reports several metrics {sorted(scores)}: set TrainConfig.select_metric")
+        return next(iter(scores))
+    if select_metric not in scores:
+        raise ValueError(f"select_metric {select_metric!r} not among {sorted(scores)}")
+    return select_metric
+
+
+# Settings that shape a run's trajectory: a checkpoint resumes only under the same values.
+_FINGERPRINT_FIELDS = (
+    "epochs", "batch_size", "learning_rate", "dual_learning_rate", "slack_learning_rate", "dual_optimizer",
+    "dual_proportional", "weight_decay", "grad_clip", "eval_every", "select_on", "select_metric", "select_mode",
+    "slack_init", "seed",
+)
+
+
+def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
+    """What a checkpoint records of its run's settings (JSON-able): the trajectory-shaping
+    :class:`TrainConfig` fields, the method, the training-set size, and whether a custom
+    learning-rate schedule or optimizer was given (callables cannot be compared)."""
+    out = {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
+    out.update(method=repr(method), gamma_schedule=method.gamma_schedule, train_examples=int(n_train),
+               lr_schedule=config.lr_schedule is not None, optimizer=config.optimizer is not None)
+    return out
+
+
+def _check_fingerprint(path: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to continue a checkpoint written under other settings.
+
+    Only ``epochs`` may change (a run extended or cut short) and only when nothing depends on
+    the total: no γ schedule, no learning-rate schedule, no custom optimizer (which may hold one).
+    """
+    if saved is None:
+        raise ValueError(f"cannot resume from {path}: it records no run settings (written by an older version); "
+                         "use a new output directory or resume=False")
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    schedule_free = not (current["lr_schedule"] or current["optimizer"] or current["gamma_schedule"])
+    if differ == ["epochs"] and schedule_free:
+        return
+    if differ:
+        what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)
+        raise ValueError(f"cannot resume from {path}: it was written under other settings ({what}). "
+                         "Rerun with the checkpoint's settings, or use a new output directory or resume=False")
+
+
+def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:
     payload = {
         "state": flax.serialization.to_state_dict(jax.device_get(state)),
         "best_variables": flax.serialization.to_state_dict(best["variables"]),
@@ -447,13 +517,18 @@ def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list) 
         "best_val": json.dumps(best["val"]),
         "epoch": epoch,
         "history": json.dumps(history),
+        "settings": json.dumps(fingerprint),
     }
     _write_atomic(path, flax.serialization.msgpack_serialize(payload))
 
 
-def _restore(path: Path, state: TrainState, best: dict):
+def _restore(path: Path, state: TrainState, best: dict, fingerprint: dict):
     try:
         raw = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:
+        raise ValueError(f"cannot resume from {path}: not a readable checkpoint ({err})") from err
+    _check_fingerprint(path, json.loads(raw["settings"]) if "settings" in raw else None, fingerprint)
+    try:
         state = flax.serialization.from_state_dict(state, raw["state"])
         best_vars = flax.serialization.from_state_dict(best["variables"], raw["best_variables"])
     except Exception as err:  # a checkpoint of another model or a corrupt file

@@ -37,12 +37,13 @@ def random_orthogonal(key: jax.Array, shape: tuple[int, ...] = ()) -> jax.Array:
 
 
 def rotation_about_axis(angle: jax.Array, axis: int = 2) -> jax.Array:
-    """Rotation by ``angle`` (radians, any shape) about coordinate ``axis`` (0=x, 1=y, 2=z)."""
+    """Rotation by ``angle`` (radians, any shape) about coordinate ``axis`` (0=x, 1=y, 2=z),
+    right-handed: a positive angle turns e_{axis+1} towards e_{axis+2} (indices mod 3)."""
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     c, s = jnp.cos(angle), jnp.sin(angle)
     one, zero = jnp.ones_like(angle), jnp.zeros_like(angle)
-    i, j = [a for a in (0, 1, 2) if a != axis]
+    i, j = (axis + 1) % 3, (axis + 2) % 3  # cyclic, so every axis is right-handed
     m = [[None] * 3 for _ in range(3)]
     for a in range(3):
         for b in range(3):

@@ -105,6 +105,13 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
     matrix takes min(in, out)²·max(in, out) multiply-adds, more than the 2·n·in·out of the
     mat-vecs it replaces: cheap at branch sizes (VN-DGCNN's 672 × 336 kernels: the ACE step
     went from 4.08 to 4.02 s), not meant for kernels with thousands of rows and columns.
+
+    Accuracy: the estimate approaches σ_max from below (uᵀWv ≤ σ_max for unit u, v), and ten
+    steps from a fixed start need not converge when the top singular values are close, as in a
+    random kernel. At LeCun initialisation (5 keys) the true σ_max exceeded the estimate by
+    0.5–10 % for 64 × 64 kernels and 2–6 % for 336 × 672 and 672 × 336; 100 steps bring it within
+    2 %. A kernel divided by the estimate therefore has spectral norm 1 to within that margin, at
+    or above 1, not exactly 1.
     """
     if kernel.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D kernel, got shape {kernel.shape}")
@@ -133,9 +140,10 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
 
 def spectral_normalize(kernel: jax.Array, num_iterations: int = 10, *, bound: bool = False) -> jax.Array:
     """``W / σ_max(W)`` for every ``(fan_in, fan_out)`` matrix of a ``(*blocks, fan_in, fan_out)``
-    stack (each block by its own :func:`spectral_norm`; σ floored at 1e-12), so ‖x W_b‖ ≤ ‖x‖.
+    stack (each block by its own :func:`spectral_norm`; σ floored at 1e-12), so ‖x W_b‖ ≤ ‖x‖ up
+    to the power-iteration estimate's shortfall (a few per cent, see :func:`spectral_norm`).
 
-    With ``bound=True`` it is ``W / max(1, σ_max(W))`` instead: the same guarantee ‖x W_b‖ ≤ ‖x‖,
+    With ``bound=True`` it is ``W / max(1, σ_max(W))`` instead: the same property ‖x W_b‖ ≤ ‖x‖,
     but a block already inside it is left as it is, so a kernel initialised small stays small
     (W / σ_max rescales every kernel to σ_max = 1 whatever its initialiser). The two agree
     exactly, values and gradients, wherever σ_max > 1.

@@ -56,17 +56,22 @@ def _error_and_output(f, x, elements, act_in, act_out, norm_axes):
 
 
 def equivariance_bound(gammas: Sequence[float], lipschitz: float, branch_bound: float) -> float:
-    """Layer-wise bound on the full model's equivariance error (METHOD.md §4).
+    """Layer-wise bound on the full model's equivariance error (METHOD.md §4, corrected).
 
-    With every f_eq,i and g_i M-Lipschitz and ‖g_i‖ ≤ B,
+    With every f_eq,i and g_i M-Lipschitz, ‖g_i‖ ≤ B and ρ orthogonal,
 
-        e_0 = 0,   e_i = M e_{i−1} + |γ_i| (M e_{i−1} + B),
+        e_0 = 0,   e_i = M e_{i−1} + |γ_i| (M e_{i−1} + 2B),
 
-    and e_L bounds ‖f(g·x) − g·f(x)‖. All γ = 0 gives 0 (exact equivariance).
+    and e_L bounds ‖f(ρ·x) − ρ·f(x)‖. Derivation, with a = h_{i−1}(ρx), b = ρ h_{i−1}(x),
+    ‖a − b‖ ≤ e_{i−1}: f_eq,i(b) = ρ f_eq,i(h_{i−1}(x)) leaves ‖f_eq,i(a) − f_eq,i(b)‖ ≤ M e_{i−1},
+    and ‖g_i(a) − ρ g_i(h_{i−1}(x))‖ ≤ ‖g_i(a) − g_i(b)‖ + ‖g_i(ρ h) − ρ g_i(h)‖ ≤ M e_{i−1} + 2B.
+    The recursion in METHOD.md has B where 2B belongs and is not a bound: one layer with
+    f_eq = 0 and a constant branch g = b, ‖b‖ = 1, γ = 1 has error ‖b − ρb‖ = 2 under ρ = −I
+    (or a half-turn about an axis ⟂ b). All γ = 0 gives 0 (exact equivariance).
     """
     if lipschitz < 0 or branch_bound < 0:
         raise ValueError("lipschitz and branch_bound must be non-negative")
     e = 0.0
     for g in gammas:
-        e = lipschitz * e + abs(float(g)) * (lipschitz * e + branch_bound)
+        e = lipschitz * e + abs(float(g)) * (lipschitz * e + 2.0 * branch_bound)
     return e

@@ -16,7 +16,9 @@ options, kept here so that runs of other models never import e3nn-jax."""
 
 
 def summarize(values: Sequence[float]) -> dict:
-    """``{"mean", "std"}`` over seeds (population std; 0 for one seed; NaN-free input required)."""
+    """``{"mean", "std"}`` over seeds (population std; 0 for one seed). A non-finite value (a
+    diverged seed) makes both NaN, which :func:`write_json` writes as null: no mean is reported
+    rather than one over the surviving seeds; the per-seed lists keep every value."""
     arr = np.asarray(list(values), np.float64)
     if arr.size == 0:
         raise ValueError("summarize: no values")
@@ -53,7 +55,7 @@ def _clean(obj: Any) -> Any:
         return [_clean(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
-        return None if math.isnan(v) else v
+        return v if math.isfinite(v) else None  # strict JSON has no NaN or Infinity
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.ndarray):
@@ -62,7 +64,7 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON (numpy scalars converted, NaN → null), creating parent folders."""
+    """Write strict JSON (numpy scalars converted, NaN and ±inf → null), creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(obj), indent=2) + "\n")

@@ -42,7 +42,8 @@ Writes DIR/results.json (schema in :func:`method_summary`, plus per method
 ``"equivariance_full"``: the full model's relative equivariance error on the test split under
 all rotations and under rotations about z, :func:`equivariance_report`), DIR/table.md, DIR/val_curves.png,
 DIR/trajectories_<method>.png (γ/λ/u of the first seed) and per run DIR/<method>/seed<k>/
-(engine log.jsonl + checkpoint; rerunning into the same DIR resumes finished epochs). With
+(engine log.jsonl + checkpoint; rerunning the same command into the same DIR resumes finished epochs;
+other settings are refused with an error). With
 ``--vmap-seeds`` (experiments/vmapped_seeds.py) all seeds of a method train in one compiled
 program; only log.jsonl is written per seed (no checkpoint/resume).
 

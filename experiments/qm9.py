@@ -548,6 +548,7 @@ def run_target(
                 dual_proportional=settings.dual_proportional,
                 lr_schedule=step_decay_schedule(settings.learning_rate, total_steps, settings.lr_decay_at),
                 eval_batch_size=batch_size,
+                select_metric="mae",
                 seed=seed,
                 out_dir=str(run_dir),
                 progress=progress,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ace_jax import FitResult, NonFiniteError, Task, TrainConfig, get_method, named_leaves, triangle_schedule
-from ace_jax.engine import build_step, check_split, padded_batches
+from ace_jax.engine import build_step, check_split, padded_batches, selection_metric
 from ace_jax.methods import Method
 
 
@@ -181,11 +181,9 @@ def fit_seeds_vmapped(
             if evaluated:
                 scores = {name: per_seed[s] for name, per_seed in val_scores.items()}
                 record["val"] = scores
-                metric_name = config.select_metric or next(iter(scores["projection"]))
-                if metric_name not in scores[config.select_on]:
-                    raise ValueError(f"select_metric {metric_name!r} not among {list(scores[config.select_on])}")
+                metric_name = selection_metric(config.select_metric, scores[config.select_on])
                 score = sign * scores[config.select_on][metric_name]
-                if best[s]["score"] is None or score < best[s]["score"]:
+                if np.isfinite(score) and (best[s]["score"] is None or score < best[s]["score"]):
                     best[s] = {
                         "score": score,
                         "epoch": epoch,
@@ -198,6 +196,10 @@ def fit_seeds_vmapped(
                 with open(log_paths[s], "a") as fh:
                     fh.write(json.dumps(record) + "\n")
 
+    never = [seed for seed, b in zip(seeds, best) if b["score"] is None]
+    if never and histories[0]:
+        raise NonFiniteError(f"method {method.name!r}, seeds {never}: the validation {config.select_on} metric "
+                             "was never finite, so no epoch can be selected")
     test_scores = [{} for _ in seeds]
     if test is not None:
         stacked_best = _stack([b["variables"] for b in best])

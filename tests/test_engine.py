@@ -100,6 +100,83 @@ def test_resume_gives_the_uninterrupted_numbers(tmp_path):
     assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2, 3]
 
 
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    data = _data(64)
+    out = str(tmp_path / "run")
+    aj.fit(_task(), data, data, data, "ace", _config(epochs=1, out_dir=out))
+    for changed, name in ((dict(seed=1), "seed"), (dict(learning_rate=1e-2), "learning_rate"),
+                          (dict(batch_size=16), "batch_size")):
+        with pytest.raises(ValueError, match=f"other settings .*{name}: checkpoint"):
+            aj.fit(_task(), data, data, data, "ace", _config(epochs=2, out_dir=out, **changed))
+    with pytest.raises(ValueError, match="train_examples"):
+        aj.fit(_task(), _data(96), data, data, "ace", _config(epochs=2, out_dir=out))
+    # extending a schedule-free run is allowed (test above); a γ schedule depends on the total
+    scheduled = aj.get_method("scheduled", regularizer_weight=0.0)
+    aj.fit(_task(), data, data, data, scheduled, _config(epochs=2, out_dir=str(tmp_path / "sch")))
+    with pytest.raises(ValueError, match="epochs: checkpoint 2, this run 4"):
+        aj.fit(_task(), data, data, data, scheduled, _config(epochs=4, out_dir=str(tmp_path / "sch")))
+    # resume=False starts afresh in the same directory
+    fresh = aj.fit(_task(), data, data, data, "ace", _config(epochs=1, seed=1, out_dir=out, resume=False))
+    assert [r["epoch"] for r in fresh.history] == [0]
+
+
+class GrowingWeight(nn.Module):
+    """y = w x (+ branch); w starts at 0 and grows towards the target 5 under training."""
+
+    @nn.compact
+    def __call__(self, x, project=False):
+        w = self.param("w", nn.initializers.zeros, ())
+        y = w * x
+        if not project:
+            y = y + aj.SymmetryBreaking(aj.MLPBranch(1))(x)
+        return y
+
+
+def _growing_task(nan_below):
+    model = GrowingWeight()
+
+    def metric(v, ex, p):  # NaN while w < nan_below: a model broken on the validation split
+        err = jnp.mean((model.apply(v, ex["x"], project=p) - ex["y"]) ** 2)
+        return jnp.where(v["params"]["w"] < nan_below, jnp.nan, err)
+
+    return aj.Task(
+        init=lambda k, hb: model.init(k, np.ones(1, np.float32), project=not hb),
+        loss=lambda v, ex, r, p: jnp.mean((model.apply(v, ex["x"], project=p) - ex["y"]) ** 2),
+        metric=metric,
+    )
+
+
+def test_a_nan_validation_score_is_never_selected():
+    data = {"x": np.ones((64, 1), np.float32), "y": np.full((64, 1), 5.0, np.float32)}
+    cfg = _config(epochs=6, batch_size=16, learning_rate=0.05)
+    res = aj.fit(_growing_task(nan_below=0.5), data, data, data, "ace", cfg)
+    vals = [r["val"]["projection"]["metric"] for r in res.history]
+    assert np.isnan(vals[0]) and np.isfinite(vals[-1])  # the first evaluation is NaN
+    assert res.best_epoch == int(np.nanargmin(vals)) > 0
+    assert np.isfinite(res.test["projection"]["metric"])
+    with pytest.raises(aj.NonFiniteError, match="never finite"):
+        aj.fit(_growing_task(nan_below=1e9), data, data, data, "ace", cfg)
+
+
+def test_several_metrics_need_select_metric():
+    data = _data(64)
+    base = _task()
+    two = aj.Task(init=base.init, loss=base.loss,
+                  metric=lambda v, ex, p: {"mse": base.loss(v, ex, None, p), "abs": jnp.sqrt(base.loss(v, ex, None, p))})
+    with pytest.raises(ValueError, match="several metrics .*select_metric"):
+        aj.fit(two, data, data, data, "ace", _config(epochs=1))
+    res = aj.fit(two, data, data, data, "ace", _config(epochs=1, select_metric="abs"))
+    assert set(res.val["projection"]) == {"mse", "abs"}
+
+
+def test_weight_decay_acts_on_params_not_on_gamma():
+    tx = aj.engine._primal_optimizer(_config(weight_decay=0.1))
+    primal = {"params": {"w": jnp.ones(3)}, "gamma": {"g": jnp.ones(())}}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, primal), tx.init(primal), primal)
+    assert float(jnp.max(jnp.abs(updates["params"]["w"]))) > 0  # decay moves the weights
+    assert float(updates["gamma"]["g"]) == 0.0  # γ moves by ∇_γ L alone
+
+
 def test_same_seed_same_numbers_and_other_seed_differs():
     data = _data()
     a = aj.fit(_task(), data, data, data, "ace", _config(epochs=2))

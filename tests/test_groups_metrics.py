@@ -36,7 +36,11 @@ def test_random_orthogonal_has_both_determinants():
 def test_rotation_about_axis_fixes_the_axis():
     r = rotation_about_axis(jnp.array(0.7), axis=1)
     np.testing.assert_allclose(r @ jnp.array([0.0, 1.0, 0.0]), [0.0, 1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(rotation_about_axis(jnp.array(np.pi / 2), 2) @ jnp.array([1.0, 0, 0]), [0, 1, 0], atol=1e-6)
+    # right-handed about every axis: a quarter turn takes e_{a+1} to e_{a+2} (x→y, y→z, z→x)
+    eye = np.eye(3)
+    for axis in range(3):
+        turned = rotation_about_axis(jnp.array(np.pi / 2), axis) @ eye[(axis + 1) % 3]
+        np.testing.assert_allclose(turned, eye[(axis + 2) % 3], atol=1e-6)
     with pytest.raises(ValueError):
         rotation_about_axis(jnp.array(0.1), axis=3)
 
@@ -68,6 +72,37 @@ def test_equivariance_error_zero_for_equivariant_and_positive_otherwise():
 
 
 def test_equivariance_bound_recursion_by_hand():
-    # e1 = 0 + 0.5·(0 + 2) = 1; e2 = 1.5·1 + 0.1·(1.5·1 + 2) = 1.85
-    assert equivariance_bound([0.5, 0.1], lipschitz=1.5, branch_bound=2.0) == pytest.approx(1.85)
+    # e1 = 0 + 0.5·(0 + 2·2) = 2; e2 = 1.5·2 + 0.1·(1.5·2 + 2·2) = 3.7
+    assert equivariance_bound([0.5, 0.1], lipschitz=1.5, branch_bound=2.0) == pytest.approx(3.7)
     assert equivariance_bound([0.0, 0.0, 0.0], 2.0, 5.0) == 0.0
+
+
+def test_equivariance_bound_is_attained_by_a_constant_branch():
+    # f(y) = 0 + 1·b with ‖b‖ = 1: under ρ = −I the error is ‖b − ρ b‖ = 2 = the bound (M·0 + 2B)
+    b = jnp.array([0.6, 0.0, 0.8])
+    f = lambda y: jnp.broadcast_to(b, y.shape)  # noqa: E731
+    act = lambda g, y: rotate_points(y, g)  # noqa: E731
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 3))
+    measured = float(equivariance_error(f, x, [-jnp.eye(3)], act, act))
+    assert measured == pytest.approx(2.0, rel=1e-6)
+    assert measured <= equivariance_bound([1.0], lipschitz=1.0, branch_bound=1.0) + 1e-6
+
+
+def test_equivariance_bound_holds_for_a_random_two_layer_model():
+    # layer i: y ↦ s_i y + γ_i B tanh(y A_i)/√3 (equivariant scaling plus a bounded branch)
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    scales, gammas, branch_bound = [0.9, -0.8], [0.3, -0.2], 0.5
+    mats = [0.5 * jax.random.normal(k, (3, 3)) for k in keys[:2]]
+    lipschitz = max(max(abs(s) for s in scales),
+                    max(branch_bound / np.sqrt(3) * float(jnp.linalg.norm(a, 2)) for a in mats))
+
+    def f(y):
+        for s, g, a in zip(scales, gammas, mats):
+            y = s * y + g * branch_bound * jnp.tanh(y @ a) / np.sqrt(3)
+        return y
+
+    act = lambda g, y: rotate_points(y, g)  # noqa: E731
+    x = 2.0 * jax.random.normal(keys[2], (64, 3))
+    rots = list(random_orthogonal(keys[3], (16,)))
+    worst = max(float(equivariance_error(f, x, [r], act, act)) for r in rots)
+    assert 0.0 < worst <= equivariance_bound(gammas, lipschitz, branch_bound)

@@ -1,0 +1,25 @@
+"""Shared study helpers: strict JSON output and seed summaries."""
+
+import json
+import math
+
+import numpy as np
+
+from experiments.common import summarize, write_json
+
+
+def test_write_json_is_strict_json_for_nan_and_inf(tmp_path):
+    path = tmp_path / "out" / "r.json"
+    write_json(path, {"nan": float("nan"), "inf": np.float32(np.inf), "neg": -math.inf, "ok": np.float64(0.5),
+                      "list": [np.int64(3), np.array([1.0, np.nan])]})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # strict parse
+    assert data == {"nan": None, "inf": None, "neg": None, "ok": 0.5, "list": [3, [1.0, None]]}
+
+
+def test_summarize_reports_no_mean_when_a_seed_diverged():
+    assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+    assert summarize([0.004]) == {"mean": 0.004, "std": 0.0}
+    out = summarize([0.004, float("nan"), 0.005])
+    assert math.isnan(out["mean"]) and math.isnan(out["std"])
