@@ -79,7 +79,9 @@ class TrainConfig:
     ``"ascent"`` (plain projected ascent, default) or ``"adam"`` (as the public ACE code);
     ``dual_proportional`` > 0 adds a damping proportional term to the dual update.
     ``optimizer`` replaces the default primal optimizer (Adam(learning_rate), with
-    ``grad_clip``/``weight_decay``) by any optax transform acting on params and γ."""
+    ``grad_clip``/``weight_decay``) by any optax transform acting on params and γ.
+    ``run_settings`` (a JSON-able mapping) names what else a run depends on — data set, model
+    options — so that a checkpoint is resumed only under the same values (:func:`run_fingerprint`)."""
 
     epochs: int
     batch_size: int
@@ -103,6 +105,7 @@ class TrainConfig:
     progress: bool = True
     data_parallel: bool = True
     optimizer: optax.GradientTransformation | None = None
+    run_settings: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -481,11 +484,16 @@ _FINGERPRINT_FIELDS = (
 
 def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
     """What a checkpoint records of its run's settings (JSON-able): the trajectory-shaping
-    :class:`TrainConfig` fields, the method, the training-set size, and whether a custom
-    learning-rate schedule or optimizer was given (callables cannot be compared)."""
+    :class:`TrainConfig` fields, the method, the training-set size, whether a custom
+    learning-rate schedule or optimizer was given (callables cannot be compared), and the
+    study's ``run_settings``."""
     out = {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
     out.update(method=repr(method), gamma_schedule=method.gamma_schedule, train_examples=int(n_train),
                lr_schedule=config.lr_schedule is not None, optimizer=config.optimizer is not None)
+    try:  # tuples -> lists, as read back from the checkpoint
+        out["run_settings"] = json.loads(json.dumps(config.run_settings, sort_keys=True))
+    except TypeError as err:
+        raise ValueError(f"TrainConfig.run_settings must be JSON-serialisable ({err})") from err
     return out
 
 

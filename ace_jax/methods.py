@@ -50,6 +50,16 @@ class Method:
         if self.gamma_schedule not in (None, "triangle"):
             raise ValueError(f"unknown gamma_schedule {self.gamma_schedule!r}; known: 'triangle'")
 
+    @property
+    def deployed(self) -> str:
+        """The model a run of this method deploys, hence the one model selection should look
+        at (METHOD.md §4): ``"projection"`` (γ = 0) when training drives γ to 0 — no branches,
+        the equality constraint γ = 0, or a schedule ending at 0 — and ``"full"`` otherwise
+        (resilient or inequality constraints, which keep partial equivariance, and γ left free)."""
+        if not self.has_branches or isinstance(self.formulation, Equality) or self.gamma_schedule is not None:
+            return "projection"
+        return "full"
+
 
 METHOD_NAMES = (
     "vanilla",

@@ -207,6 +207,9 @@ def parse_csv(paths) -> dict[str, np.ndarray]:
       ``index`` (M,) int64, the QM9 ``Index`` (1-based id in the original 133,885 set);
       ``target_names`` (12,) str.
 
+    Molecules are ordered by ``Index`` whatever the order of the files and rows, so splits
+    that are defined by position (the Cormorant permutation) name the same molecules.
+
     Raises FileNotFoundError for a missing file and ValueError for a missing column, a
     malformed row (the message names file, row and column), a duplicated Index or no rows.
     """
@@ -246,6 +249,11 @@ def parse_csv(paths) -> dict[str, np.ndarray]:
     if np.any(counts > 1):
         raise ValueError(f"duplicated QM9 Index value(s): {unique[counts > 1][:10].tolist()}")
 
+    order = np.argsort(index, kind="stable")
+    index = index[order]
+    elements = [elements[m] for m in order]
+    coordinates = [coordinates[m] for m in order]
+    targets = [targets[m] for m in order]
     num_atoms = np.array([len(z) for z in elements], dtype=np.int32)
     max_atoms = int(num_atoms.max())
     positions = np.zeros((len(indices), max_atoms, 3), dtype=np.float32)

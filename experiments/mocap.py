@@ -228,19 +228,24 @@ def benchmark_case(batch: int, seed: int = 0, data_path: str | Path | None = Non
 # --------------------------------------------------------------------------- study
 
 
-def _train_config(config: StudyConfig, method: str, seed: int, out_dir: Path, progress: bool) -> ace_jax.TrainConfig:
+def _train_config(config: StudyConfig, method: str, seed: int, out_dir: Path, progress: bool,
+                  data_name: str = "") -> ace_jax.TrainConfig:
     return ace_jax.TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         dual_learning_rate=config.dual_learning_rate, dual_optimizer=config.dual_optimizer,
         eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         select_on=select_on(method), select_metric=SELECT_METRIC, select_mode="min",
         seed=seed, out_dir=str(out_dir), progress=progress, data_parallel=False,
+        # what else a checkpoint depends on: the model and data settings (not how many seeds run)
+        run_settings={**{k: v for k, v in dataclasses.asdict(config).items() if k not in ("seeds", "eval_batch_size")},
+                      "data": data_name},
     )
 
 
 def select_on(method: str) -> str:
-    """Which model the validation selection looks at: the full one for ``ace-resilient``."""
-    return "full" if method == "ace-resilient" else "projection"
+    """Which model the validation selection looks at: the one the method deploys (the full one
+    for ``ace-resilient``; :attr:`ace_jax.Method.deployed`)."""
+    return ace_jax.get_method(method).deployed
 
 
 def constant_velocity_mse(split: Mapping[str, np.ndarray], frames_ahead: int) -> float:
@@ -302,11 +307,13 @@ def run_study(
 
     results: dict[str, dict] = {}
     histories: dict[str, list] = {}
+    data_name = Path(data_path).name if data_path is not None else "shipped"
     for method in methods:
         per_seed = []
         for seed in range(first_seed, first_seed + config.seeds):
             run_dir = out / method / f"seed{seed}"
-            fit = ace_jax.fit(task, train, val, test, method, _train_config(config, method, seed, run_dir, progress))
+            train_config = _train_config(config, method, seed, run_dir, progress, data_name)
+            fit = ace_jax.fit(task, train, val, test, method, train_config)
             summary = {
                 "method": method,
                 "seed": seed,

@@ -13,7 +13,8 @@ Methods (``ace_jax.get_method``) and how the task supports them:
 - ``unconstrained``: γ free, random O(3) augmentation (``Task.transform``: one Haar-random
   orthogonal Q per example acting on loc, vel and target, ``x ↦ x Qᵀ``; rotation about the
   origin is a symmetry of the E = 0 physics, translations need no augmentation because both
-  models are translation-equivariant). Selected on the full model.
+  models are translation-equivariant). With ``--field E`` ≠ 0 the augmentation is O(2) about
+  z (:func:`rotate_example_about_z`), the symmetry the field leaves. Selected on the full model.
 - ``penalty`` (REMUL-style): ℓ(x) + ℓ(Q·x, Q·y) with the same transform. Selected on full.
 - ``scheduled`` (Pertigkiozoglou et al. 2024): γ follows the triangle schedule and
   ``Task.regularizer`` adds, with the method's weight (0.01),
@@ -321,15 +322,8 @@ MODELS = ("segnn", "egnn")
 # 1.22-1.29x, quiet 2-core CPU) but gave no gain over vanilla.
 DEFAULT_SEGNN_BRANCH = "dense"
 METRIC = "mse"
-# Which model each method deploys (selection and the table's headline column).
-SELECT_ON = {
-    "vanilla": "projection",
-    "ace": "projection",
-    "scheduled": "projection",
-    "ace-resilient": "full",
-    "unconstrained": "full",
-    "penalty": "full",
-}
+# Which model each method deploys (selection and the table's headline column): Method.deployed.
+SELECT_ON = {name: ace_jax.get_method(name).deployed for name in METHODS}
 METHOD_LABELS = {
     "vanilla": "{model}",
     "ace": "{model} + ACE",
@@ -417,7 +411,21 @@ def egnn_branch_init_scale(model_name: str, branch_init_scale: float | None) -> 
 
 def rotate_example(rng: jax.Array, example: dict) -> dict:
     """A Haar-random Q ∈ O(3) acting on loc, vel and target (``x ↦ x Qᵀ``); charges unchanged."""
-    q = random_orthogonal(rng)
+    return _act_on_example(random_orthogonal(rng), example)
+
+
+def rotate_example_about_z(rng: jax.Array, example: dict) -> dict:
+    """A Haar-random Q ∈ O(2) about z — a uniform rotation about z, followed with probability ½
+    by the reflection y ↦ −y — acting on loc, vel and target: the symmetries that a uniform
+    field along z leaves the physics (``--field``), where a general rotation would turn the
+    field's push into another direction and make the augmented pair physically wrong."""
+    k_angle, k_flip = jax.random.split(rng)
+    rotation = rotation_about_axis(jax.random.uniform(k_angle, maxval=2 * jnp.pi), axis=2)
+    flip = jnp.where(jax.random.bernoulli(k_flip), -1.0, 1.0)
+    return _act_on_example(rotation @ jnp.diag(jnp.stack([1.0, flip, 1.0])), example)
+
+
+def _act_on_example(q: jax.Array, example: dict) -> dict:
     out = dict(example)
     for key in ("loc", "vel", "target"):
         out[key] = rotate_points(example[key], q)
@@ -514,8 +522,10 @@ def equivariance_report(predict, variables, data: dict, key: jax.Array, num_exam
             for name, group in rotations.items()}
 
 
-def make_task(model, example: dict) -> Task:
-    """The engine's Task for an N-body model; ``example`` (one graph) fixes the input shapes."""
+def make_task(model, example: dict, field: float = 0.0) -> Task:
+    """The engine's Task for an N-body model; ``example`` (one graph) fixes the input shapes.
+    ``field`` (the data set's E along z) picks the augmentation of ``unconstrained`` and
+    ``penalty``: all of O(3) without a field, O(2) about z with one."""
     for key in ("loc", "vel", "charges", "target"):
         if key not in example:
             raise ValueError(f"N-body example lacks {key!r}; has {sorted(example)}")
@@ -535,7 +545,8 @@ def make_task(model, example: dict) -> Task:
     def metric(variables, ex, project):
         return {METRIC: loss(variables, ex, None, project)}
 
-    return Task(init=init, loss=loss, metric=metric, transform=rotate_example,
+    transform = rotate_example if field == 0 else rotate_example_about_z
+    return Task(init=init, loss=loss, metric=metric, transform=transform,
                 regularizer=make_lie_regularizer(predict))
 
 
@@ -648,12 +659,18 @@ def run_study(args: argparse.Namespace) -> dict:
         model = make_model(args.model, spectral_branch=spectral, branch_kind=args.branch_kind,
                            parameterization=args.parameterization, branch_rank=args.branch_rank,
                            branch_init_scale=args.branch_init_scale)
-        task = make_task(model, example)
+        task = make_task(model, example, field=args.field)
         config = TrainConfig(
             epochs=epochs, batch_size=preset["batch_size"], learning_rate=preset["learning_rate"],
             dual_learning_rate=preset["dual_learning_rate"], dual_optimizer=args.dual_optimizer,
             dual_proportional=args.dual_proportional, eval_every=preset["eval_every"], select_on=SELECT_ON[name], select_metric=METRIC,
             progress=not args.no_progress,
+            run_settings={  # what else a checkpoint in DIR/<method>/seed<k> depends on
+                "model": args.model, "field": args.field, "spectral_branch": spectral,
+                "branch_kind": config_record["branch_kind"], "branch_rank": args.branch_rank,
+                "parameterization": args.parameterization, "branch_init_scale": config_record["branch_init_scale"],
+                "val_size": config_record["val_size"],
+            },
         )
         t0 = time.perf_counter()
         run_dirs = [out / name / f"seed{s}" for s in seeds]

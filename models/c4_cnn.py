@@ -33,7 +33,8 @@ flattened features" (METHOD.md §1: f_i(x) = f_eq,i(x) + γ_i g_i(x)).
 Default (``branch_in_kernel=True``): the branch is folded into the layer's own convolution,
 ``h_i = act(h_{i−1} ⋆ (ψ_i + γ_i δψ_i) + b_i + γ_i δb_i)``, so the ACE model does the vanilla
 model's convolutions plus a few kernel additions (:class:`ace_jax.WeightBranch`, δψ
-spectral-normalised: per pixel ‖γ δψ h‖ ≤ |γ| ‖h‖, a bound relative to the layer input).
+spectral-normalised: per output pixel ‖(γ δψ ⋆ h)_p‖ ≤ |γ| ‖patch_p(h)‖, the norm of the
+k_b × k_b input patch it reads — for the default 1×1 branch, of the input pixel itself).
 Step time (batch 32, quiet 2-core CPU, ``python -m experiments.benchmark --models c4_cnn
 --steps 300``): vanilla 32.3 ms, ACE 33.2 ms (1.03×), ACE-resilient 32.9 ms (1.02×).
 Measured on the quick C4 study (3 seeds, ``python -m experiments.c4_toy --seeds 3``): square →

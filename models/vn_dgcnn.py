@@ -4,7 +4,9 @@ A *vector feature* is an array ``(..., C, 3)``: C channels, each a 3-vector. A r
 acts on every channel, V ↦ V Rᵀ (row vectors, as :func:`ace_jax.rotate_points`). Leading
 axes index points (and neighbours); the model handles ONE cloud, the engine vmaps it.
 
-Layers (each SO(3)-equivariant, in fact O(3)-equivariant, and shared over points):
+Layers (each SO(3)-equivariant, in fact O(3)-equivariant, and shared over points; the classifier
+below is SO(3)-invariant, not O(3)-invariant, because its first edge features include the
+pseudovector x_j × x_i, which a reflection flips — ``cross_product=False`` drops it):
 
 - VN-Linear: V' = Wᵀ V, i.e. V'_{c'} = Σ_c W_{c c'} V_c. It mixes channels only (never the
   xyz axis), has no bias (a bias vector would not rotate), so (V Rᵀ)' = V' Rᵀ.
@@ -29,7 +31,8 @@ averages in evaluation (a mutable ``batch_stats`` collection). The ACE engine do
 thread mutable collections and vmaps the model over single clouds, so :class:`VNNorm` uses
 per-cloud statistics over points instead (an instance norm of the vector norms). It is
 deterministic, identical in training and evaluation, and keeps the model invariant per
-cloud. The classifier head uses LayerNorm instead of BatchNorm1d and no dropout.
+cloud. The classifier head uses LayerNorm instead of BatchNorm1d and no dropout, and by
+default pools the invariant features by their mean alone (the public model: max and mean).
 
 VN-DGCNN (the classifier, for one cloud ``points (P, 3)``; w = ``width``, 21 ≈ 64/3 in the paper):
 
@@ -46,7 +49,9 @@ VN-DGCNN (the classifier, for one cloud ``points (P, 3)``; w = ``width``, 21 ≈
    multiply-adds, same parameters, same outputs up to float rounding;
 3. concatenation of the four outputs (8w channels), VN-LeakyReLU to 16w channels (one
    shared direction, as the paper's conv5), concatenation with its mean over points (32w);
-4. invariant layer → (P, 32w·3) invariant numbers, mean over points;
+4. invariant layer → (P, 32w·3) invariant numbers, mean over points (``pooling="mean"``, the
+   default, with which every number in experiments/modelnet.py was measured) or max and mean
+   concatenated (``pooling="max_mean"``, 2·32w·3 numbers, as the public VN-DGCNN);
 5. MLP head (Dense → LayerNorm → LeakyReLU(0.2) per hidden layer) → logits.
 
 ACE (METHOD.md §1, "VN layers 2"): every VN-LeakyReLU block carries two symmetry-breaking
@@ -439,7 +444,9 @@ class VNDGCNN(nn.Module):
       gamma_init: initial γ of every branch.
       head_hidden: hidden sizes of the MLP head.
       negative_slope: slope of every VN-LeakyReLU and of the head.
-      cross_product: add x_j × x_i to the first layer's edge features.
+      cross_product: add x_j × x_i to the first layer's edge features (the model is then
+        SO(3)- but not O(3)-invariant).
+      pooling: ``"mean"`` (default) or ``"max_mean"`` (public VN-DGCNN) over points (step 4).
       branch_kind: ``"in_kernel"`` (default), ``"axis"`` or ``"dense"`` branches (module doc).
       branch_hidden / spectral_branch: hidden sizes of dense branches / normalised branches.
 
@@ -456,6 +463,7 @@ class VNDGCNN(nn.Module):
     branch_hidden: Sequence[int] = ()
     spectral_branch: bool = True
     branch_kind: str = "in_kernel"
+    pooling: str = "mean"
 
     @nn.compact
     def __call__(self, points: jax.Array, project: bool = False) -> jax.Array:
@@ -466,6 +474,8 @@ class VNDGCNN(nn.Module):
             raise ValueError(f"VNDGCNN needs at least k={self.k} points, got {points.shape[0]}")
         if self.width < 1 or self.num_classes < 1:
             raise ValueError(f"width and num_classes must be >= 1, got {self.width}, {self.num_classes}")
+        if self.pooling not in ("mean", "max_mean"):
+            raise ValueError(f"pooling must be 'mean' or 'max_mean', got {self.pooling!r}")
         block = dict(negative_slope=self.negative_slope, branch_hidden=self.branch_hidden,
                      spectral_branch=self.spectral_branch, gamma_init=self.gamma_init, branch_kind=self.branch_kind)
         w = self.width
@@ -481,6 +491,8 @@ class VNDGCNN(nn.Module):
         x = jnp.concatenate([x, jnp.broadcast_to(x.mean(axis=0, keepdims=True), x.shape)], axis=-2)
         invariant = VNInvariant(name="invariant", **block)(x, project)
         h = invariant.mean(axis=0)  # (32w·3,)
+        if self.pooling == "max_mean":
+            h = jnp.concatenate([invariant.max(axis=0), h])  # (2·32w·3,)
         for i, size in enumerate(self.head_hidden):
             h = nn.Dense(size, name=f"head{i}")(h)
             h = nn.LayerNorm(name=f"head{i}_norm")(h)

@@ -105,7 +105,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     out = str(tmp_path / "run")
     aj.fit(_task(), data, data, data, "ace", _config(epochs=1, out_dir=out))
     for changed, name in ((dict(seed=1), "seed"), (dict(learning_rate=1e-2), "learning_rate"),
-                          (dict(batch_size=16), "batch_size")):
+                          (dict(batch_size=16), "batch_size"), (dict(run_settings={"field": 0.3}), "run_settings")):
         with pytest.raises(ValueError, match=f"other settings .*{name}: checkpoint"):
             aj.fit(_task(), data, data, data, "ace", _config(epochs=2, out_dir=out, **changed))
     with pytest.raises(ValueError, match="train_examples"):

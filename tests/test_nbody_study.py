@@ -76,6 +76,23 @@ def test_rotate_example_acts_consistently():
     np.testing.assert_allclose(example["target"] @ q, rotated["target"], atol=1e-4)
 
 
+def test_field_augmentation_keeps_z_and_is_orthogonal():
+    example = {k: v[0] for k, v in random_data(1).items()}
+    draws = [jax.device_get(jax.jit(study.rotate_example_about_z)(jax.random.PRNGKey(s), example)) for s in range(16)]
+    dets = []
+    for rotated in draws:
+        q, *_ = np.linalg.lstsq(example["loc"], rotated["loc"], rcond=None)
+        np.testing.assert_allclose(q.T @ q, np.eye(3), atol=1e-4)
+        np.testing.assert_allclose(q[:, 2], [0, 0, 1], atol=1e-4)  # z ↦ z: the field's direction is kept
+        np.testing.assert_allclose(example["vel"] @ q, rotated["vel"], atol=1e-4)
+        np.testing.assert_allclose(example["target"] @ q, rotated["target"], atol=1e-4)
+        dets.append(np.linalg.det(q))
+    assert min(dets) < -0.99 and max(dets) > 0.99  # rotations and reflections both occur
+    model = study.make_model("egnn")
+    assert study.make_task(model, example, field=0.3).transform is study.rotate_example_about_z
+    assert study.make_task(model, example).transform is study.rotate_example
+
+
 def test_lie_regularizer_matches_commutator_formula():
     """f(x) = x + c·x M (branch term c x M): L_A f = c x (M A − A M), by hand (numpy)."""
     batch = random_data(6)
@@ -122,7 +139,7 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     data = random_data(24)
     monkeypatch.setattr(study, "load_splits", lambda *a, **k: dict(zip(("train", "val", "test"), split(data, 8, 8, 8))))
     monkeypatch.setattr(study, "make_model", lambda *a, **k: EGNN(hidden=8, num_layers=1))  # tiny_task's model
-    monkeypatch.setattr(study, "make_task", lambda model, example: tiny_task)
+    monkeypatch.setattr(study, "make_task", lambda model, example, field=0.0: tiny_task)
     monkeypatch.setitem(study.PRESETS, "quick", {**study.PRESETS["quick"], "batch_size": 4})
     out = tmp_path / "run"
     study.main(["--preset", "quick", "--out", str(out), "--model", "egnn", "--methods", "ace-resilient",

@@ -161,8 +161,11 @@ def test_several_files_concatenate_and_duplicates_fail(tmp_path, tiny):
     first = _write_rows(tmp_path / "a.csv", rows[:4])
     second = _write_rows(tmp_path / "b.csv", [rows[0]] + rows[4:])
     joined = parse_csv([first, second])
+    swapped = parse_csv([second, first])  # files in another order: still ordered by Index
     for key in ("positions", "atomic_numbers", "num_atoms", "targets", "index"):
         np.testing.assert_array_equal(joined[key], tiny[key])
+        np.testing.assert_array_equal(swapped[key], tiny[key])
+    assert np.all(np.diff(tiny["index"]) > 0)
     with pytest.raises(ValueError, match="duplicated QM9 Index"):
         parse_csv([FIXTURE, FIXTURE])
 

@@ -153,6 +153,14 @@ def test_tiny_study_writes_results_schema(tmp_path):
     assert results["config"]["split_sizes"] == [6, 1, 1]
     assert "zpve" in (out / "table.md").read_text()
     assert (out / "trajectories" / "zpve_ace.png").is_file()
+    assert results["config"]["select_on"] == {"vanilla": "projection", "ace": "projection"}
+    # the same folder with another split: its checkpoints were trained on other molecules
+    with pytest.raises(ValueError, match="another configuration"):
+        study.main([
+            "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1",
+            "--targets", "zpve", "--methods", "vanilla", "--features", "8", "--interactions", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--split-seed", "1",
+        ])
 
 
 def test_bad_options_raise(tmp_path):

@@ -259,6 +259,26 @@ def test_projection_invariant_to_rotations_and_permutations(model_and_variables)
     assert _rel(apply(variables, points[perm], project=True), logits) <= 1e-4
 
 
+def test_max_mean_pooling_is_invariant_and_reflections_need_no_cross_product():
+    points = jax.random.normal(jax.random.PRNGKey(5), (NUM_POINTS, 3))
+    mirror = jnp.diag(jnp.array([1.0, 1.0, -1.0]))
+    for cross in (True, False):
+        model = VNDGCNN(num_classes=4, k=K, width=2, head_hidden=(8,), pooling="max_mean", cross_product=cross)
+        variables = init_variables(model, jax.random.PRNGKey(2), NUM_POINTS)
+        assert variables["params"]["head0"]["kernel"].shape[0] == 2 * 32 * 2 * 3  # max and mean: 2·32w·3
+        apply = jax.jit(model.apply, static_argnames="project")
+        logits = apply(variables, points, project=True)
+        for rotation in _rotations(2, seed=13):
+            assert _rel(apply(variables, rotate_points(points, rotation), project=True), logits) <= 1e-4
+        perm = np.random.default_rng(5).permutation(NUM_POINTS)
+        assert _rel(apply(variables, points[perm], project=True), logits) <= 1e-4
+        # x_j × x_i is a pseudovector: with it the classifier is SO(3)- but not O(3)-invariant
+        mirrored = _rel(apply(variables, rotate_points(points, mirror), project=True), logits)
+        assert mirrored > 1e-2 if cross else mirrored <= 1e-4
+    with pytest.raises(ValueError, match="pooling"):
+        VNDGCNN(num_classes=4, k=K, width=2, pooling="max").init(jax.random.PRNGKey(0), points)
+
+
 def test_full_model_breaks_rotation_invariance(model_and_variables):
     _, variables, points, apply = model_and_variables
     assert all(float(g) == 1.0 for g in jax.tree.leaves(variables[GAMMA]))
