@@ -214,7 +214,9 @@ def branch_output_init(scale: float) -> Callable:
 
     ``scale = 1`` is LeCun normal (the default of every branch layer); ``scale = 0`` gives a zero
     kernel, so with a zero bias the branch starts at g = 0. A branch fed raw coordinates at
-    γ = 1 otherwise starts as large as the equivariant path it perturbs.
+    γ = 1 otherwise starts as large as the equivariant path it perturbs. For a kernel of more than
+    two axes, ``(*blocks, fan_in, fan_out)``, fan_in counts the leading axes too (JAX's
+    ``variance_scaling`` reads them as a receptive field): variance ``scale / (blocks·fan_in)``.
     """
     if not scale >= 0.0:
         raise ValueError(f"branch_init_scale must be >= 0, got {scale}")
@@ -361,6 +363,13 @@ class WeightBranch(nn.Module):
     (:func:`spectral_normalize` with ``bound=True``), as :class:`MLPBranch` does for its
     ``output_kernel_init``: the same bound, but a block initialised small, e.g. with
     :func:`branch_output_init`, keeps its start scale instead of being rescaled to σ_max = 1.
+
+    Initialisation: the LeCun normal default treats the whole stack as one kernel, so with
+    blocks, e.g. ``(3, fan_in, fan_out)``, each block's entries have variance 1/(3·fan_in), not
+    1/fan_in — √3 smaller than a per-block LeCun kernel. With ``spectral=True`` and no
+    ``kernel_init`` this is immaterial (each block is rescaled to σ_max = 1); without spectral
+    normalisation (SEGNN's ``branch_kind="in_kernel"`` default) it is the start scale every
+    number in this project was measured with.
     """
 
     shape: Sequence[int]

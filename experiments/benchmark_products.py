@@ -6,7 +6,7 @@
 A Linear ACE branch on a block's flattened output is, per training step, three products of
 the same size: the forward product y = x W and the two backward ones, ∂L/∂x = ȳ Wᵀ and
 ∂L/∂W = xᵀ ȳ. For x (M, n) and W (n, n) that is 3 · 2Mn² FLOPs. This script jit-compiles
-exactly those three products (the gradient of ⟨x W, c⟩ for a fixed c) for each row count M,
+exactly those three products (the value and gradient of ⟨x W, c⟩ for a fixed c) for each row count M,
 and with ``--rank r`` also the factored branch x A B (A (n, r), B (r, n)), and times them twice
 in fresh processes: pinned to one CPU (``os.sched_setaffinity`` before JAX starts) and on every
 CPU of the process. The ratio of the two medians is the speed-up the extra cores give that
@@ -87,7 +87,9 @@ def time_products(rows: int, width: int, rank: int | None, steps: int, seed: int
             y = y @ w
         return jnp.vdot(y, cotangent)
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    # value AND gradients: the gradient of a linear loss alone does not need y = x W, and XLA
+    # drops that product (2 dots left, not 3); the value keeps it in the program
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     jax.block_until_ready(step(x, weights))
     for _ in range(min(steps, 20)):  # warm-up
         jax.block_until_ready(step(x, weights))

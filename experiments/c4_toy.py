@@ -27,7 +27,12 @@ correction = full − projection, sum = full output, target), ``trajectories_<ta
 
     {"config": {...},
      "tasks": {task: {"baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse",
-                      "final_gammas": [γ per branch, order config["gamma_names"]]}}}
+                      "final_abs_gammas": [mean over seeds of |γ| at the last epoch, per branch,
+                                           order config["gamma_names"]]}}}
+
+(|γ| because (γ, δW) and (−γ, −δW) are the same function: a signed mean over seeds could
+cancel. ``per_seed.json`` has each seed's signed γ at the last epoch, ``final_gammas``, and
+at the selected epoch, ``selected_gammas``.)
 
 Settings (the ``Preset`` fields; chosen on square → rectangle / square → square runs of the
 quick budget, then used unchanged for every task):
@@ -217,7 +222,8 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         TrainConfig(**common, select_on="full", out_dir=str(run_dir / ACE_METHOD)),
     )
     names = ordered_gamma_names(ace.best_variables)
-    final = named_leaves(gammas(ace.best_variables))
+    selected = named_leaves(gammas(ace.best_variables))  # the deployed (selected) epoch
+    final = ace.history[-1]["gamma"]  # the last epoch, where the trajectory plots end
     x_test = jnp.asarray(data["test"]["x"])
     full_fn = jax.jit(lambda a: model.apply(ace.best_variables, a))
     correction = full_fn(x_test) - model.apply(ace.best_variables, x_test, project=True)
@@ -230,6 +236,7 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         "floor_mse": float(np.mean(c4_floor_mse(data["test"]["y"]))),
         "gamma_names": names,
         "final_gammas": [float(final[n]) for n in names],
+        "selected_gammas": [float(selected[n]) for n in names],
         "ace_best_epoch": ace.best_epoch,
         # Diagnostics on the test inputs: RMS per pixel of the branches' total effect
         # (full − projection) and the full model's C4 equivariance error (mean |f(gx) − g f(x)|
@@ -259,11 +266,14 @@ def plot_fig8(model: C4CNN, ace_variables: dict, test: dict, path: Path, title: 
     fig, axes = plt.subplots(len(picks), len(columns), figsize=(2.2 * len(columns), 2.2 * len(picks)), squeeze=False)
     for row in range(len(picks)):
         vmax = float(max(np.abs(c[1][row]).max() for c in columns)) or 1.0
+        vmin = min(0.0, float(min(c[1][row].min() for i, c in enumerate(columns) if i != 2)))
         for col, (label, images) in enumerate(columns):
             ax = axes[row, col]
             diverging = col == 2
+            # outputs can be negative (the readout is affine): the colour scale starts at the
+            # row's minimum, so a negative pixel is not drawn as 0
             ax.imshow(images[row, ..., 0], cmap="RdBu_r" if diverging else "viridis",
-                      vmin=-vmax if diverging else 0.0, vmax=vmax)
+                      vmin=-vmax if diverging else vmin, vmax=vmax)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -305,7 +315,7 @@ def run_study(
             "ace_projection_mse": mean("ace_projection_mse"),
             "ace_full_mse": mean("ace_full_mse"),
             "floor_mse": mean("floor_mse"),
-            "final_gammas": np.mean([r["final_gammas"] for r in runs], axis=0).tolist(),
+            "final_abs_gammas": np.mean(np.abs([r["final_gammas"] for r in runs]), axis=0).tolist(),
         }
         diagnostics[task_name] = {
             "ace_correction_rms": mean("ace_correction_rms"),
@@ -331,9 +341,9 @@ def run_study(
 
 
 def results_table(results: dict, diagnostics: dict) -> str:
-    """Markdown table: test MSEs per pixel, final γ per branch, branch-effect diagnostics."""
+    """Markdown table: test MSEs per pixel, final |γ| per branch, branch-effect diagnostics."""
     short = [n.split("_breaking")[0] for n in results["config"]["gamma_names"]]
-    header = ["task", "baseline", "ACE projection", "ACE full", "C4 floor", f"final γ ({', '.join(short)})",
+    header = ["task", "baseline", "ACE projection", "ACE full", "C4 floor", f"final |γ| ({', '.join(short)})",
               "RMS(full − proj)", "full equiv. err"]
     rows = []
     for name, r in results["tasks"].items():
@@ -341,7 +351,7 @@ def results_table(results: dict, diagnostics: dict) -> str:
         rows.append(
             [name]
             + [f"{r[k]:.3e}" for k in ("baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse")]
-            + [", ".join(f"{g:+.3f}" for g in r["final_gammas"])]
+            + [", ".join(f"{g:.3f}" for g in r["final_abs_gammas"])]
             + [f"{d['ace_correction_rms']:.3g}", f"{d['ace_full_equivariance_error']:.3g}"]
         )
     return markdown_table(header, rows)

@@ -47,13 +47,16 @@ def test_projection_builds_and_evaluates_no_branch():
     layer = _layer()
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
     v_proj = layer.init(jax.random.PRNGKey(0), x, project=True)
-    assert GAMMA not in v_proj and "breaking" not in v_proj["params"]
+    assert GAMMA not in v_proj and set(v_proj["params"]) == {"equivariant"}
     v = layer.init(jax.random.PRNGKey(0), x)
+    assert set(v["params"]) == {"equivariant", "branch"}
+    # γ (gamma/breaking/gamma) and the branch weights (params/branch/...) all NaN
     poisoned = jax.tree_util.tree_map_with_path(
-        lambda p, a: jnp.full_like(a, jnp.nan) if "breaking" in jax.tree_util.keystr(p) else a, v
+        lambda p, a: a if "equivariant" in jax.tree_util.keystr(p) else jnp.full_like(a, jnp.nan), v
     )
     out = layer.apply(poisoned, x, project=True)
     assert np.all(np.isfinite(out))
+    assert not np.any(np.isfinite(layer.apply(poisoned, x)))  # the full model reads them
     np.testing.assert_allclose(out, layer.apply(v, x, project=True))
     # projected_variables (γ = 0) gives the same function as project=True
     np.testing.assert_allclose(layer.apply(projected_variables(v), x), out, atol=1e-6)
