@@ -161,6 +161,17 @@ EGNN at ``--preset paper`` (``--model egnn --dual-optimizer adam``, one core per
 | ACE, plain ascent (the preset's dual; scale 0.01) | 0.00662 / 0.00727 / 0.00673 | **0.00688 ± 0.00028** | 0.00660 / 0.00729 / 0.00673 | 1984, 1884, 1974 | 1592–1643 s per seed |
 | unconstrained (γ free, O(3) augmentation; selected on the full model), seeds 0 / 1 / 2 | 0.00753 / 0.00853 / 0.0336 | – | **0.00696 / 0.00726 / 0.00684** (0.00702 ± 0.00022) | 1899, 1929, 154 | 1609 / 1610 / 1938 s |
 | ACE, Adam dual, ``--branch-init-scale 1`` (LeCun, the earlier default) | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s (3 seeds) |
+| penalty (REMUL, β = 1, O(3) transform; selected on the full model), seed 0 only | 0.00861 | – | 0.00714 | 1964 | 4643 s¹ |
+
+¹ One core, with the other core running the SEGNN penalty run and this project's tests for part
+of the time (1.7–2.7 s per epoch, 2.3 s on average).
+
+The penalty run (``--model egnn --methods penalty --seed 0 --seeds 1``, settings fixed before it
+ran) ends at vanilla level: full model 0.00714 against vanilla's 0.00697 on seed 0 (+2.4 %;
+unconstrained with augmentation 0.00696, ACE 0.00692 Adam / 0.00662 ascent). Its γ stay away
+from zero (final |γ| up to 0.40, layer 3's coordinate branch) and the full model's relative
+SO(3) equivariance error is 2.5e-3 (1.8e-3 about z): the invariance penalty alone keeps it
+nearly equivariant, as augmentation does.
 
 Vanilla matches the paper's EGNN (7.1e-3); the paper reports no EGNN + ACE number. The
 non-equivariant EGNN trained with augmentation (seeds 0 and 1, and seed 2 in a later session,
