@@ -22,22 +22,28 @@ last two with ``--steps 1000``), median ms of the three products:
 
 | rows M | full 128 × 128, 1 CPU | 2 CPUs | speed-up | rank 16, 1 CPU | 2 CPUs | speed-up |
 |---|---|---|---|---|---|---|
-| 500 | 0.357 | 0.418–0.470 | 0.76–0.85× | 0.178–0.181 | 0.207–0.224 | 0.81–0.87× |
-| 2000 | 1.37–1.45 | 1.15–1.17 | 1.17–1.27× | 0.62–0.64 | 0.46–0.49 | 1.28–1.37× |
-| 8000 | 6.41–6.52 | 4.40–4.71 | 1.36–1.47× | 3.50–3.58 | 1.65–1.89 | 1.89–2.17× |
+| 500 | 0.53–0.63 | 0.69–0.75 | 0.73–0.90× | 0.21–0.28 | 0.36–0.37 | 0.60–0.76× |
+| 2000 | 2.39–2.83 | 2.00–2.53 | 0.95–1.42× | 0.85–0.99 | 0.78–0.87 | 1.02–1.14× |
+| 8000 | 10.4–11.4 | 7.2–9.2 | 1.13–1.44× | 4.9–5.6 | 3.0–3.7 | 1.51–1.66× |
+
+(An earlier version timed only the gradient, from which XLA drops the forward product — two
+products, not three: 0.357 ms for M = 500 on one CPU, 0.42–0.47 ms on two.)
 
 A product of 500 rows does not get faster with a second core; it gets slower (thread
 hand-off costs more than it saves). Splitting it into two independent products of 250 rows
 did not help either (XLA's runtime did not run them side by side), and it stayed serial with
 XNNPACK off, with the YNNPACK/XNNPACK fusions off and with oneDNN (``XLA_FLAGS``; timed with a
-tanh on the product). Products of 2000 rows, the size of the equivariant layers' per-edge
-work, do use both cores. So the eight dense branches cost 8 × 0.36–0.47 = 2.9–3.8 ms of products per
-step whatever the core count — 12–16 % of the 23.5 ms vanilla step on two cores, before any
-other cost of ACE — while on one core they are 8 × 0.36 = 2.9 ms of a step of about 52 ms (6 %). That
-is why the N-body SEGNN's ACE / vanilla ratio is 1.09–1.12× pinned to one core but 1.22–1.28×
-on two (``experiments.benchmark --models segnn`` on the same machine: 23.5 vs 29.7 ms, 1.27×), and
-why the issue's ≤ 1.10× on two cores is out of reach for the paper's dense branch on this
-CPU. Rank-16 branches cost 1.4–1.8 ms of products (benchmark row ``segnn_rank16``: 1.16×).
+tanh on the product). Larger products gain from the second core (8000 rows: 1.13–1.44×). So
+the eight dense branches cost 8 × 0.69–0.75 = 5.5–6.0 ms of products per step on two cores —
+most of the 7.2 ms by which the ACE step exceeds the vanilla step there (``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1 python -m experiments.benchmark --models segnn --methods vanilla,ace
+--steps 100`` in the same session as the table: 29.98 vs 37.16 ms, 1.24×; an earlier session
+measured 23.5 vs 29.7 ms, 1.27×) — while
+on one core they are 8 × 0.53–0.63 = 4.2–5.0 ms of a step of about 52 ms (8–10 %; measured
+ratio 1.09–1.12×). That is why the issue's ≤ 1.10× on two cores is out of reach for the paper's
+dense branch on this CPU: the branch products alone are a fifth of the two-core vanilla step.
+Rank-16 branches cost 8 × 0.36 = 2.9 ms of products on two cores (benchmark row
+``segnn_rank16``: 1.16×).
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ augmentation 5.7e-3, scheduled relaxation 4.9e-3):
 | unconstrained (γ free, O(3) augmentation) | 0 | 0.0319 | **0.00411** | full / 1984 | 3687 s |
 | unconstrained | 1 | 0.0147 | **0.00459** | full / 1864 | 3234 s |
 | unconstrained | 2 | 0.0262 | **0.00420** | full / 1924 | 3360 s |
+| penalty (REMUL, β = 1, O(3) transform) | 0 | 0.0395 | **0.00418** | full / 1999 | 6857 s² |
 
 - Resilient ACE ends at vanilla level: 0.00445 / 0.00434 / 0.00453 against vanilla's 0.00435 /
   0.00455 / 0.00447 for the same seeds (+2 %, −5 %, +1 %; mean 0.00444 ± 0.00009 against
@@ -112,13 +113,24 @@ augmentation 5.7e-3, scheduled relaxation 4.9e-3):
   layer 3: 0.14–0.65, layer 1: 0.00–0.40), every other |γ| < 0.07, and the full model's SO(3)
   equivariance error is 2.3–3.0e-3 (seeds 1, 2): augmentation alone keeps it nearly
   equivariant. Its projection (0.015–0.032) is not a model anyone would deploy.
-- ``scheduled`` takes 5.7 s per epoch on one core (ACE 1.4 s): its penalty differentiates a
-  Jacobian-vector product of the whole network and runs the projection once more. 2000 epochs
-  would take about 3.3 hours; it was stopped after 17 epochs and has no row. ``penalty``
-  (two forward/backward passes per step) took 3.1–3.3 s per epoch in a 6-epoch probe (one core,
-  the other busy), about 1.8 hours for 2000 epochs; it has no row either. The engine checkpoints
-  every epoch and resumes to the numbers of an uninterrupted run, so either can be run in parts
-  by repeating the same command into the same ``--out``.
+- The REMUL-style penalty (``--methods penalty --seed 0 --seeds 1``, one seed, settings fixed
+  before it ran; 3.0–4.6 s per epoch on one core with the other core busy²) ends level with the
+  other non-equivariant baseline: full model 0.00418 against vanilla's 0.00435 on seed 0 (−4 %),
+  unconstrained + augmentation 0.00411, ACE's projection 0.00395 (plain ascent) / 0.00394 (Adam).
+  It was still improving (selected at the last evaluation, epoch 1999). Its γ stay large in the
+  first and last message branches (0.81 and 0.71 at the end, layer 0's update 0.31, every other
+  |γ| ≤ 0.06) and the full model's relative SO(3) equivariance error is 3.3e-3 (2.7e-3 about z):
+  as with augmentation, the invariance term keeps it nearly, not exactly, equivariant.
+- ``scheduled`` takes 5.7 s per epoch on one core (ACE 1.4 s; one step 216 ms against ACE's
+  47 ms and penalty's 96 ms at batch 100): its penalty differentiates a Jacobian-vector product
+  of the whole network and runs the projection once more, and the loss's own forward pass is not
+  shared with the one inside the JVP (XLA does not merge them: loss + regulariser cost the sum
+  of their separate times). 2000 epochs would take about 3.3 hours; it was stopped after 17
+  epochs and has no row. The engine checkpoints every epoch and resumes to the numbers of an
+  uninterrupted run, so it can be run in parts by repeating the same command into the same
+  ``--out``.
+
+² The EGNN penalty run and this project's tests shared the machine for most of the run.
 
 On one NVIDIA H200 (JAX 0.11.2) the same ACE run (seed 0, ``--epochs 10`` as a probe) took
 0.30–0.37 s per epoch after 23 s (train step) and 22 s (evaluation) of compilation: about
@@ -161,9 +173,9 @@ EGNN at ``--preset paper`` (``--model egnn --dual-optimizer adam``, one core per
 | ACE, plain ascent (the preset's dual; scale 0.01) | 0.00662 / 0.00727 / 0.00673 | **0.00688 ± 0.00028** | 0.00660 / 0.00729 / 0.00673 | 1984, 1884, 1974 | 1592–1643 s per seed |
 | unconstrained (γ free, O(3) augmentation; selected on the full model), seeds 0 / 1 / 2 | 0.00753 / 0.00853 / 0.0336 | – | **0.00696 / 0.00726 / 0.00684** (0.00702 ± 0.00022) | 1899, 1929, 154 | 1609 / 1610 / 1938 s |
 | ACE, Adam dual, ``--branch-init-scale 1`` (LeCun, the earlier default) | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s (3 seeds) |
-| penalty (REMUL, β = 1, O(3) transform; selected on the full model), seed 0 only | 0.00861 | – | 0.00714 | 1964 | 4643 s¹ |
+| penalty (REMUL, β = 1, O(3) transform; selected on the full model), seed 0 only | 0.00861 | – | 0.00714 | 1964 | 4643 s³ |
 
-¹ One core, with the other core running the SEGNN penalty run and this project's tests for part
+³ One core, with the other core running the SEGNN penalty run and this project's tests for part
 of the time (1.7–2.7 s per epoch, 2.3 s on average).
 
 The penalty run (``--model egnn --methods penalty --seed 0 --seeds 1``, settings fixed before it
