@@ -489,12 +489,18 @@ def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
     study's ``run_settings``."""
     out = {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
     out.update(method=repr(method), gamma_schedule=method.gamma_schedule, train_examples=int(n_train),
-               lr_schedule=config.lr_schedule is not None, optimizer=config.optimizer is not None)
-    try:  # tuples -> lists, as read back from the checkpoint
-        out["run_settings"] = json.loads(json.dumps(config.run_settings, sort_keys=True))
-    except TypeError as err:
-        raise ValueError(f"TrainConfig.run_settings must be JSON-serialisable ({err})") from err
-    return out
+               lr_schedule=config.lr_schedule is not None, optimizer=config.optimizer is not None,
+               run_settings=config.run_settings)
+
+    def scalar(value):  # numpy scalars (e.g. a learning rate read from an array) as Python numbers
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+    try:  # as it will be read back from the checkpoint (tuples -> lists, numpy -> Python)
+        return json.loads(json.dumps(out, sort_keys=True, default=scalar))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the run settings must be JSON-serialisable (TrainConfig.run_settings?): {err}") from err
 
 
 def _check_fingerprint(path: Path, saved: dict | None, current: dict) -> None:

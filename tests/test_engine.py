@@ -115,6 +115,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     aj.fit(_task(), data, data, data, scheduled, _config(epochs=2, out_dir=str(tmp_path / "sch")))
     with pytest.raises(ValueError, match="epochs: checkpoint 2, this run 4"):
         aj.fit(_task(), data, data, data, scheduled, _config(epochs=4, out_dir=str(tmp_path / "sch")))
+    # numpy scalars and tuples in the settings survive the round trip through the checkpoint
+    settings = {"field": np.float32(0.5), "sizes": (3, np.int64(4))}
+    aj.fit(_task(), data, data, data, "ace", _config(epochs=1, out_dir=str(tmp_path / "np"), run_settings=settings))
+    again = aj.fit(_task(), data, data, data, "ace", _config(epochs=2, out_dir=str(tmp_path / "np"), run_settings=settings))
+    assert [r["epoch"] for r in again.history] == [0, 1]
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        aj.fit(_task(), data, data, data, "ace", _config(epochs=1, run_settings={"f": object()}))
     # resume=False starts afresh in the same directory
     fresh = aj.fit(_task(), data, data, data, "ace", _config(epochs=1, seed=1, out_dir=out, resume=False))
     assert [r["epoch"] for r in fresh.history] == [0]
