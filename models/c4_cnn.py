@@ -38,8 +38,8 @@ k_b × k_b input patch it reads — for the default 1×1 branch, of the input pi
 Step time (batch 32, quiet 2-core CPU, ``python -m experiments.benchmark --models c4_cnn
 --steps 300``): vanilla 32.3 ms, ACE 33.2 ms (1.03×), ACE-resilient 32.9 ms (1.02×).
 Measured on the quick C4 study (3 seeds, ``python -m experiments.c4_toy --seeds 3``, 185 s on
-the 2-core CPU): square → square γ → 0 (|γ| at the last epoch ≤ 0.019 in every seed, mean ≤ 0.007, in every
-branch) with projection MSE 1.37e-4 against the baseline's 1.33e-3; rectangle and
+the 2-core CPU): square → square γ → 0 (|γ| at the last epoch ≤ 0.019 in every branch and
+seed, mean over seeds ≤ 0.007) with projection MSE 1.37e-4 against the baseline's 1.33e-3; rectangle and
 non-symmetric full-model MSE 1.46e-2 / 1.30e-2 below the C4 floors 3.53e-2 / 5.40e-2, with the
 output branch's |γ| at 0.10 / 0.16. (An earlier record of the same command read projection
 2.0e-4 against 1.5e-3 and γ ≤ 0.015, then from the selected epoch's γ.)
