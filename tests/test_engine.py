@@ -128,7 +128,10 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 
 
 class GrowingWeight(nn.Module):
-    """y = w x (+ branch); w starts at 0 and grows towards the target 5 under training."""
+    """y = w x (+ branch); w starts at 0 and grows towards the target 5 under training. With
+    ``nan_above`` the output turns NaN once w passes it (reached after a few epochs)."""
+
+    nan_above: float = float("inf")
 
     @nn.compact
     def __call__(self, x, project=False):
@@ -136,7 +139,7 @@ class GrowingWeight(nn.Module):
         y = w * x
         if not project:
             y = y + aj.SymmetryBreaking(aj.MLPBranch(1))(x)
-        return y
+        return jnp.where(w > self.nan_above, jnp.nan, y)
 
 
 def _growing_task(nan_below):
@@ -192,21 +195,9 @@ def test_same_seed_same_numbers_and_other_seed_differs():
     assert a.test == b.test and a.test != c.test
 
 
-class Exploding(nn.Module):
-    """Loss turns NaN once the weight passes 1.0 (reached after a few epochs)."""
-
-    @nn.compact
-    def __call__(self, x, project=False):
-        w = self.param("w", nn.initializers.zeros, ())
-        y = w * x
-        if not project:
-            y = y + aj.SymmetryBreaking(aj.MLPBranch(1))(x)
-        return jnp.where(w > 1.0, jnp.nan, y)
-
-
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = {"x": np.ones((64, 1), np.float32), "y": np.full((64, 1), 5.0, np.float32)}
-    model = Exploding()
+    model = GrowingWeight(nan_above=1.0)  # the loss turns NaN after a few epochs
     task = aj.Task(
         init=lambda k, hb: model.init(k, np.ones(1, np.float32), project=not hb),
         loss=lambda v, ex, r, p: jnp.mean((model.apply(v, ex["x"], project=p) - ex["y"]) ** 2),
