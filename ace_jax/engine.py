@@ -125,10 +125,12 @@ class TrainConfig:
             raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
-        if self.dual_proportional < 0:
-            raise ValueError(f"dual_proportional must be >= 0, got {self.dual_proportional}")
-        if self.weight_decay < 0:
-            raise ValueError("weight_decay must be >= 0")
+        # written as "not x >= 0" so that NaN is refused too
+        for name in ("dual_proportional", "weight_decay", "slack_init"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
 class FitResult(NamedTuple):
@@ -503,18 +505,32 @@ def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
         raise ValueError(f"the run settings must be JSON-serialisable (TrainConfig.run_settings?): {err}") from err
 
 
-def _check_fingerprint(path: Path, saved: dict | None, current: dict) -> None:
+def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: int) -> None:
     """Refuse to continue a checkpoint written under other settings.
 
-    Only ``epochs`` may change (a run extended or cut short) and only when nothing depends on
-    the total: no γ schedule, no learning-rate schedule, no custom optimizer (which may hold one).
+    ``trained`` is the number of epochs the checkpoint holds. Only ``epochs`` may change (a run
+    extended, or an interrupted run given a shorter total) and only when the result equals an
+    uninterrupted run of the new length: nothing may depend on the total (no γ schedule, no
+    learning-rate schedule, no custom optimizer, which may hold one), the checkpoint may not
+    have trained past the new total, and it may not hold a final evaluation that the new run's
+    schedule would not make (a finished run whose ``epochs`` is not a multiple of
+    ``eval_every`` evaluated its last epoch off that schedule, and that epoch may be selected).
     """
     if saved is None:
         raise ValueError(f"cannot resume from {path}: it records no run settings (written by an older version); "
                          "use a new output directory or resume=False")
+    if trained > current["epochs"]:
+        raise ValueError(f"cannot resume from {path}: it has trained {trained} epochs, more than this run's "
+                         f"epochs={current['epochs']}; use a new output directory or resume=False")
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     schedule_free = not (current["lr_schedule"] or current["optimizer"] or current["gamma_schedule"])
     if differ == ["epochs"] and schedule_free:
+        off_schedule = trained == saved["epochs"] and trained % current["eval_every"] != 0
+        if off_schedule and trained < current["epochs"]:
+            raise ValueError(
+                f"cannot resume from {path}: its run ended at epoch {trained - 1} with an evaluation outside "
+                f"the eval_every={current['eval_every']} schedule, which an uninterrupted {current['epochs']}-epoch "
+                "run would not make (and which may be the selected epoch); use a new output directory or resume=False")
         return
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)
@@ -541,7 +557,8 @@ def _restore(path: Path, state: TrainState, best: dict, fingerprint: dict):
         raw = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as err:
         raise ValueError(f"cannot resume from {path}: not a readable checkpoint ({err})") from err
-    _check_fingerprint(path, json.loads(raw["settings"]) if "settings" in raw else None, fingerprint)
+    _check_fingerprint(path, json.loads(raw["settings"]) if "settings" in raw else None, fingerprint,
+                       int(raw["epoch"]) + 1)
     try:
         state = flax.serialization.from_state_dict(state, raw["state"])
         best_vars = flax.serialization.from_state_dict(best["variables"], raw["best_variables"])

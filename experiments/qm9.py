@@ -131,7 +131,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import sys
 import time
@@ -534,14 +533,13 @@ def run_target(
     num_examples = len(train["weight"])
     batch_size = min(settings.examples_per_step, num_examples)
     total_steps = settings.epochs * (num_examples // batch_size)
+    run_settings = {"model": model_name, "settings": dataclasses.asdict(settings), "target": target,
+                    "split_sizes": [len(p) for p in splits.indices], "data": data_fingerprint(values, splits)}
     entry, details, histories = {}, {}, {}
     for method in methods:
         projection, full, runs = [], [], []
         for seed in seeds:
             run_dir = out_dir / "runs" / target / method / f"seed{seed}"
-            _claim_run_dir(run_dir, {"model": model_name, "settings": dataclasses.asdict(settings), "target": target,
-                                     "method": method, "seed": seed, "split_sizes": [len(p) for p in splits.indices],
-                                     "data": data_fingerprint(values, splits)})
             config = ace_jax.TrainConfig(
                 epochs=settings.epochs,
                 batch_size=batch_size,
@@ -555,6 +553,7 @@ def run_target(
                 seed=seed,
                 out_dir=str(run_dir),
                 progress=progress,
+                run_settings=run_settings,  # a checkpoint of other settings or another split is refused
             )
             result = ace_jax.fit(task, train, valid, test, method, config)
             projection.append(result.test["projection"]["mae"])
@@ -595,21 +594,6 @@ def data_fingerprint(values: np.ndarray, splits: PreparedSplits) -> str:
         digest.update(np.asarray(rows, np.int64).tobytes())
         digest.update(np.asarray(values[np.asarray(rows)], np.float64).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _claim_run_dir(run_dir: Path, fingerprint: dict) -> None:
-    """Record what a run directory trains; refuse to resume a checkpoint of another configuration."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run_config.json"
-    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back
-    if path.is_file() and (run_dir / "checkpoint.msgpack").is_file():
-        previous = json.loads(path.read_text())
-        if previous != fingerprint:
-            raise ValueError(
-                f"{run_dir} holds a checkpoint of another configuration ({previous}); "
-                f"use a new --out folder or delete that run folder"
-            )
-    write_json(path, fingerprint)
 
 
 def results_table(model_name: str, targets: dict, methods: Sequence[str]) -> str:

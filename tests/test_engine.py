@@ -127,6 +127,34 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert [r["epoch"] for r in fresh.history] == [0]
 
 
+def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_run(tmp_path):
+    data = _data(64)
+    # a finished 4-epoch run is not a 2-epoch run: its history and selection reach past epoch 1
+    aj.fit(_task(), data, data, data, "ace", _config(epochs=4, out_dir=str(tmp_path / "long")))
+    with pytest.raises(ValueError, match="trained 4 epochs, more than this run's epochs=2"):
+        aj.fit(_task(), data, data, data, "ace", _config(epochs=2, out_dir=str(tmp_path / "long")))
+    # 3 epochs with eval_every=2 evaluated epoch 2 off schedule; a 5-epoch run would not
+    aj.fit(_task(), data, data, data, "ace", _config(epochs=3, eval_every=2, out_dir=str(tmp_path / "odd")))
+    with pytest.raises(ValueError, match="outside the eval_every=2 schedule"):
+        aj.fit(_task(), data, data, data, "ace", _config(epochs=5, eval_every=2, out_dir=str(tmp_path / "odd")))
+    # 2 epochs with eval_every=2 extend to the numbers of an uninterrupted 4-epoch run
+    aj.fit(_task(), data, data, data, "ace", _config(epochs=2, eval_every=2, out_dir=str(tmp_path / "even")))
+    extended = aj.fit(_task(), data, data, data, "ace", _config(epochs=4, eval_every=2, out_dir=str(tmp_path / "even")))
+    whole = aj.fit(_task(), data, data, data, "ace", _config(epochs=4, eval_every=2))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(extended.history) == strip(whole.history)
+    assert extended.best_epoch == whole.best_epoch and extended.test == whole.test
+
+
+def test_train_config_refuses_nan_and_negative_settings():
+    for name in ("dual_proportional", "weight_decay", "slack_init"):
+        for bad in (float("nan"), -1.0):
+            with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+                _config(**{name: bad})
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        _config(grad_clip=float("nan"))
+
+
 class GrowingWeight(nn.Module):
     """y = w x (+ branch); w starts at 0 and grows towards the target 5 under training. With
     ``nan_above`` the output turns NaN once w passes it (reached after a few epochs)."""

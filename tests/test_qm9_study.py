@@ -155,7 +155,7 @@ def test_tiny_study_writes_results_schema(tmp_path):
     assert (out / "trajectories" / "zpve_ace.png").is_file()
     assert results["config"]["select_on"] == {"vanilla": "projection", "ace": "projection"}
     # the same folder with another split: its checkpoints were trained on other molecules
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="written under other settings"):
         study.main([
             "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1",
             "--targets", "zpve", "--methods", "vanilla", "--features", "8", "--interactions", "1",
