@@ -13,6 +13,7 @@ pairs that compose with ``optax.chain``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -21,8 +22,8 @@ import optax
 
 
 def _check_learning_rate(name: str, learning_rate) -> None:
-    if not callable(learning_rate) and not float(learning_rate) > 0:
-        raise ValueError(f"{name}: learning_rate must be > 0, got {learning_rate}")
+    if not callable(learning_rate) and not (math.isfinite(float(learning_rate)) and float(learning_rate) > 0):
+        raise ValueError(f"{name}: learning_rate must be finite and > 0, got {learning_rate}")
 
 
 class ProjectNonnegativeState(NamedTuple):
@@ -78,8 +79,8 @@ def proportional_term(gain: float) -> optax.GradientTransformation:
     loss is nearly flat in γ (a "PI" multiplier update, cf. Sohrabi et al., 2024).
     ``gain = 0`` is plain ascent.
     """
-    if gain < 0:
-        raise ValueError(f"proportional gain must be >= 0, got {gain}")
+    if not (math.isfinite(gain) and gain >= 0):
+        raise ValueError(f"proportional gain must be finite and >= 0, got {gain}")
 
     def init_fn(params):
         return ProportionalState(previous=jax.tree.map(jnp.zeros_like, params))

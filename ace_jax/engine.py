@@ -153,6 +153,11 @@ def check_split(name: str, data: Dataset) -> int:
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in data.items()}
     if None in sizes.values() or len(set(sizes.values())) != 1:
         raise ValueError(f"{name} split: every array needs the same leading example axis, got {sizes}")
+    if "weight" in data:  # per-example loss weights (make_lagrangian): one finite w >= 0 per example
+        weight = np.asarray(data["weight"])
+        if weight.ndim != 1 or not np.all(np.isfinite(weight)) or np.any(weight < 0) or not np.any(weight > 0):
+            raise ValueError(f"{name} split: 'weight' must be one finite value >= 0 per example, not all zero "
+                             f"(shape {weight.shape}, min {np.min(weight) if weight.size else None})")
     return next(iter(sizes.values()))
 
 
@@ -226,7 +231,8 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
     @partial(jax.jit, static_argnums=(3,))
     def batch_sums(variables, batch, weights, project):
         values = jax.vmap(lambda ex: _as_metric_dict(metric(variables, ex, project)))(batch)
-        return {k: jnp.sum(v * weights) for k, v in values.items()}
+        # padding (weight 0) never enters a sum, even where its value is not finite
+        return {k: jnp.sum(jnp.where(weights > 0, v * weights, 0.0)) for k, v in values.items()}
 
     def evaluate(variables, data: Dataset, project: bool) -> dict:
         n = check_split("eval", data)

@@ -11,6 +11,7 @@ constraint values c (same structure as γ). The Lagrangian adds Σ_i λ_i c_i.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,8 @@ class Inequality:
     uses_slacks = False
 
     def __post_init__(self):
-        if self.epsilon < 0:
-            raise ValueError(f"Inequality: epsilon must be >= 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"Inequality: epsilon must be finite and >= 0, got {self.epsilon}")
 
     def constraints(self, gamma, slacks=None):
         return jax.tree.map(lambda g: jnp.abs(g) - self.epsilon, gamma)
@@ -63,8 +64,8 @@ class Resilient:
     uses_slacks = True
 
     def __post_init__(self):
-        if not self.alpha > 0:
-            raise ValueError(f"Resilient: alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"Resilient: alpha must be finite and > 0, got {self.alpha}")
 
     def constraints(self, gamma, slacks):
         return jax.tree.map(lambda g, u: jnp.abs(g) - u, gamma, slacks)

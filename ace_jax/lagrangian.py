@@ -29,10 +29,18 @@ class LagrangianAux(NamedTuple):
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """Mean of ``values (B,)``, ignoring entries of zero weight (padding)."""
+    """Σ_n w_n v_n / Σ_n w_n for ``values (B,)`` and ``weights (B,)`` (w_n ≥ 0, not all 0).
+
+    Entries of zero weight (padding) are ignored, even where their value is NaN or inf.
+    ``weights`` of any other shape is refused (a (B, 1) or scalar weight would broadcast and
+    turn the mean into a sum)."""
     if weights is None:
         return jnp.mean(values)
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+    if jnp.shape(weights) != jnp.shape(values):
+        raise ValueError(f"example weights must have shape {jnp.shape(values)} (one per example), "
+                         f"got {jnp.shape(weights)}")
+    kept = jnp.where(weights > 0, values * weights, jnp.zeros_like(values))
+    return jnp.sum(kept) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def make_lagrangian(
@@ -74,10 +82,21 @@ def make_lagrangian(
         if formulation is not None:
             constraints = formulation.constraints(gamma, slacks)
             value = value + formulation.slack_cost(slacks) if formulation.uses_slacks else value
-            value = value + sum(
-                (jnp.sum(lam * c) for lam, c in zip(jax.tree.leaves(multipliers), jax.tree.leaves(constraints))),
-                jnp.zeros((), value.dtype),
-            )
+            value = value + constraint_term(multipliers, constraints)
         return value, LagrangianAux(loss=loss, constraints=constraints, lagrangian=value)
 
     return lagrangian
+
+
+def constraint_term(multipliers, constraints) -> jax.Array:
+    """Σ_i λ_i · c_i, pairing each multiplier with the constraint at the same place in the tree.
+
+    The two trees must have the same structure (that of γ, or of its branches); a missing,
+    extra or misnamed multiplier is an error, never a silently dropped or mispaired term."""
+    if jax.tree.structure(multipliers) != jax.tree.structure(constraints):
+        raise ValueError(
+            "multipliers must have the same tree structure as the constraints (one λ per γ): got "
+            f"{jax.tree.structure(multipliers)} for constraints {jax.tree.structure(constraints)}"
+        )
+    terms = jax.tree.leaves(jax.tree.map(lambda lam, c: jnp.sum(lam * c), multipliers, constraints))
+    return sum(terms, jnp.zeros((), jnp.result_type(*terms) if terms else jnp.float32))

@@ -12,6 +12,7 @@ A non-finite Lagrangian or gradient leaves the state unchanged and records the s
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -64,7 +65,9 @@ def init_train_state(
     learn_gamma: bool,
     slack_init: float = 0.0,
 ) -> TrainState:
-    """Initial state: λ = 0, u = ``slack_init`` (one per γ), optimizer states."""
+    """Initial state: λ = 0, u = ``slack_init`` (one per γ; finite, ≥ 0), optimizer states."""
+    if not (math.isfinite(slack_init) and slack_init >= 0):
+        raise ValueError(f"slack_init must be finite and >= 0 (u is projected onto u >= 0), got {slack_init}")
     variables = dict(variables)
     params = variables.pop("params")
     gamma = variables.pop("gamma", {})

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import ace_jax as aj
 from ace_jax import dual_ascent, project_nonnegative, slack_descent
 
 
@@ -115,3 +116,18 @@ def test_proportional_term_damps_the_bang_bang_oscillation():
 
     assert run(0.0) > 0.3
     assert run(50.0) < 0.05
+
+
+def test_dual_and_formulation_settings_refuse_nan():
+    nan = float("nan")
+    with pytest.raises(ValueError, match="proportional gain must be finite"):
+        aj.proportional_term(nan)
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+        aj.dual_ascent(float("inf"))
+    with pytest.raises(ValueError, match="epsilon must be finite"):
+        aj.Inequality(epsilon=nan)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        aj.Resilient(alpha=nan)
+    variables = {"params": {"w": jnp.ones(2)}, "gamma": {"g": jnp.zeros(())}}
+    with pytest.raises(ValueError, match="slack_init must be finite and >= 0"):
+        aj.init_train_state(variables, optax.sgd(0.1), aj.dual_ascent(0.1), optax.sgd(0.1), aj.Resilient(), True, slack_init=-3.0)

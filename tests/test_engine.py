@@ -290,3 +290,33 @@ def test_data_parallel_over_two_cpu_devices_matches_one_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["True"], out["False"], rtol=1e-4, atol=1e-6)
+
+
+def test_fit_refuses_invalid_example_weights():
+    data = _data(64)
+    for bad in (np.full(64, -1.0), np.zeros(64), np.ones((64, 1)), np.r_[np.ones(63), np.nan]):
+        with pytest.raises(ValueError, match="'weight' must be one finite value >= 0 per example"):
+            aj.fit(_task(), {**data, "weight": bad.astype(np.float32)}, data, data, "ace", _config(epochs=1))
+
+
+def test_methods_refuse_contradictory_settings_and_unused_options():
+    with pytest.raises(ValueError, match="needs γ learned"):
+        aj.Method("x", formulation=aj.Equality(), learn_gamma=False)
+    with pytest.raises(ValueError, match="needs learn_gamma=False"):
+        aj.Method("x", gamma_schedule="triangle")
+    with pytest.raises(ValueError, match="no γ to learn"):
+        aj.Method("x", has_branches=False)
+    with pytest.raises(ValueError, match="penalty_weight must be finite and >= 0"):
+        aj.get_method("penalty", penalty_weight=float("nan"))
+    with pytest.raises(ValueError, match="does not use 'alpha'"):
+        aj.get_method("ace", alpha=2.0)
+    with pytest.raises(ValueError, match="unknown get_method option"):
+        aj.get_method("ace-resilient", alhpa=2.0)
+    assert aj.get_method("ace-resilient", alpha=2.0).formulation.alpha == 2.0
+    assert aj.get_method("scheduled").regularizer_weight == 0.01
+
+
+def test_triangle_schedule_rises_to_one_and_returns_to_zero():
+    assert [aj.triangle_schedule(e, 4) for e in range(4)] == [0.0, 0.5, 1.0, 0.5]
+    with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\)"):
+        aj.triangle_schedule(-3, 4)

@@ -64,3 +64,25 @@ def test_lagrangian_value_and_constraints():
     np.testing.assert_allclose(aux.loss, 4.0)
     np.testing.assert_allclose(aux.constraints["g"], 0.25)
     np.testing.assert_allclose(value, 4.0 + 0.0625 + 0.75, rtol=1e-6)
+
+
+def test_lagrangian_pairs_each_multiplier_with_its_own_constraint():
+    lagr = make_lagrangian(lambda v, ex, rng: 0.0 * ex["y"], Equality())
+    gamma = {"a": jnp.array(1.0), "b": jnp.array(2.0)}
+    args = ({}, gamma)
+    rest = (None, {"y": jnp.zeros(2)}, jax.random.PRNGKey(0))
+    value, _ = lagr(*args, {"b": jnp.array(5.0), "a": jnp.array(7.0)}, *rest)
+    np.testing.assert_allclose(value, 7.0 * 1.0 + 5.0 * 2.0)  # λ_a γ_a + λ_b γ_b, by name
+    for wrong in ({"b": jnp.array(5.0)}, [jnp.array(5.0), jnp.array(7.0)], None, {}):
+        with pytest.raises(ValueError, match="same tree structure"):
+            lagr(*args, wrong, *rest)
+
+
+def test_example_weights_give_a_weighted_mean_and_ignore_padding():
+    lagr = make_lagrangian(lambda v, ex, rng: ex["y"], None)
+    key = jax.random.PRNGKey(0)
+    y = jnp.array([1.0, 2.0, 3.0, jnp.nan])
+    _, aux = lagr({}, None, None, None, {"y": y, "weight": jnp.array([1.0, 1.0, 2.0, 0.0])}, key)
+    np.testing.assert_allclose(aux.loss, (1.0 + 2.0 + 6.0) / 4.0)  # the NaN has weight 0
+    with pytest.raises(ValueError, match=r"weights must have shape \(4,\)"):
+        lagr({}, None, None, None, {"y": y, "weight": jnp.ones((4, 1))}, key)
