@@ -10,7 +10,7 @@ Because ``size`` and ``s`` are even the square is symmetric about the pixel-grid
 
 - ``square_to_square``: ``y = x`` (C4-invariant: no symmetry breaking needed);
 - ``square_to_rectangle``: the axis-aligned rectangle of the same width ``s`` and height
-  ``h = 2·round(s/4)`` (rows ``c − h/2 … c + h/2 − 1``), intensity ``a``. It is invariant
+  ``h = 2·⌊s/4 + 1/2⌋`` (s/4 rounded half up; rows ``c − h/2 … c + h/2 − 1``), intensity ``a``. It is invariant
   under the 180° rotation (C2) but not under 90°: the map needs C4 → C2 breaking;
 - ``square_to_nonsymmetric``: the square with a marked top-left corner, i.e. the block of
   side ``m = s/2`` at rows/columns ``c − s/2 … c − s/2 + m − 1`` gets intensity ``2a``.
@@ -62,7 +62,8 @@ def draw_square(size: int, side: int, intensity: float) -> np.ndarray:
 
 
 def rectangle_height(side: int) -> int:
-    """Height of the target rectangle for a square of ``side``: ``2·round(s/4)`` (even, ≥ 2)."""
+    """Height of the target rectangle for a square of ``side``: ``2·⌊s/4 + 1/2⌋`` (s/4 rounded half
+    up, unlike Python's ``round``: s = 10 gives 6; even, ≥ 2)."""
     return 2 * ((side + 2) // 4)
 
 

@@ -150,6 +150,10 @@ def _check_molecule_set(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         )
     if np.any(num_atoms < 1) or np.any(num_atoms > num_slots):
         raise ValueError(f"num_atoms must lie in [1, {num_slots}]")
+    real = np.arange(num_slots)[None, :] < num_atoms[:, None]  # (M, A): the atoms, not the padding
+    bad = np.flatnonzero(~np.all(np.isfinite(positions) | ~real[:, :, None], axis=(1, 2)))
+    if bad.size:  # a NaN distance compares False with the cutoff: the atom would silently lose its edges
+        raise ValueError(f"non-finite atom positions in molecule(s) {bad[:10].tolist()}")
     return positions, num_atoms, atomic_numbers
 
 

@@ -465,6 +465,10 @@ def _parse_archive(raw: dict[str, np.ndarray], path: Path):
         if trial_key not in trial_keys:
             raise ValueError(f"{path}: '{key}' refers to missing trial array '{trial_key}'")
         split_starts[split][trial_keys[trial_key]] = raw[key]
+    for first, second in ((a, b) for i, a in enumerate(SPLIT_NAMES) for b in SPLIT_NAMES[i + 1:]):
+        shared = sorted(set(split_starts[first]) & set(split_starts[second]))
+        if shared:  # a trial in two splits would leak its frames from training into evaluation
+            raise ValueError(f"{path}: trial(s) {shared} listed in both the {first!r} and the {second!r} split")
     for split in SPLIT_NAMES:
         if not split_starts[split]:
             raise ValueError(

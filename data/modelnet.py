@@ -22,8 +22,8 @@ norm 1). The validation split is a seeded, class-stratified hold-out of the *tra
 files; the test split is never used for selection.
 
 Parsing the text layout is slow (12,311 files), so its result is cached as ``.npz`` under
-``cache_dir`` (keyed by the folder, its list files' sizes and modification times, and
-``num_points``). The HDF5 layout loads quickly and is not cached.
+``cache_dir`` (keyed by the folder, ``num_points``, and the sizes and modification times of
+its list files and of every sample file). The HDF5 layout loads quickly and is not cached.
 """
 
 from __future__ import annotations
@@ -139,10 +139,17 @@ def _read_lines(file: Path) -> list[str]:
 
 
 def _load_text_layout_cached(root: Path, num_points: int, cache_dir: Path):
-    fingerprint = [str(root.resolve()), str(num_points)]
+    fingerprint = ["text-layout-cache-v2", str(root.resolve()), str(num_points)]
     for name in _TEXT_FILES:
         stat = (root / name).stat()
         fingerprint += [name, str(stat.st_size), str(stat.st_mtime_ns)]
+    # every sample file too (one stat each, milliseconds for the 12,311 files): a sample
+    # replaced in place must not be answered from the cache
+    for split in ("train", "test"):
+        for sample in _read_lines(root / f"modelnet40_{split}.txt"):
+            file = root / sample.rsplit("_", 1)[0] / f"{sample}.txt"
+            stat = file.stat() if file.is_file() else None  # a missing file is reported by the parser
+            fingerprint += [sample, "missing" if stat is None else f"{stat.st_size}:{stat.st_mtime_ns}"]
     key = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
     cache_file = cache_dir / f"modelnet40_text_{num_points}pts_{key}.npz"
     if cache_file.exists():

@@ -7,8 +7,8 @@ QM9 set (Ramakrishnan et al., Sci. Data 2014) as ``qm9pack/data/qm9_part{1,2,3}.
 
 Conventions
 -----------
-* Molecules keep the order of the CSV files (increasing ``Index`` in qm9pack); the Cormorant
-  split relies on that order.
+* Molecules are ordered by increasing ``Index`` (:func:`parse_csv` sorts them; qm9pack's
+  files are already in that order); the Cormorant split relies on that order.
 * ``positions`` are in Ångström (as ``XYZ_Ang``), padded with zeros to the largest molecule.
 * ``atomic_numbers`` use 0 for padding; the elements are H, C, N, O, F (Z = 1, 6, 7, 8, 9).
 * ``targets`` columns follow ``TARGET_NAMES`` = (mu, alpha, homo, lumo, gap, r2, zpve, U0, U,

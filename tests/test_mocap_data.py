@@ -373,6 +373,7 @@ def test_missing_file_names_path_and_layout(tmp_path):
         (lambda a: a.update(edges=np.array([[0, 4]], np.int32)), "malformed 'edges'"),
         (lambda a: a.update(edges=np.array([0, 1], np.int32)), "malformed 'edges'"),
         (lambda a: a.update(split_tran_trial_00=np.array([0], np.int32)), "unknown keys"),
+        (lambda a: a.update(split_test_trial_00=np.array([0], np.int32)), r"trial\(s\) \[0\] listed in both"),
     ],
 )
 def test_malformed_files_raise_value_error(tmp_path, corrupt, message):

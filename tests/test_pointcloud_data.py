@@ -1,5 +1,6 @@
 """Tests for the point-cloud data: procedural shapes, augmentations, ModelNet40 loaders."""
 
+import os
 import sys
 
 import numpy as np
@@ -313,6 +314,19 @@ def test_load_text_layout(tmp_path):
     assert not np.array_equal(other_seed["val"][0], data["val"][0])
     with pytest.raises(ValueError, match="fewer than num_points"):
         load_modelnet40(folder, num_points=9, cache_dir=tmp_path / "cache")
+
+
+def test_text_layout_cache_sees_a_sample_file_replaced_in_place(tmp_path):
+    folder, samples, clouds = _write_text_layout(tmp_path, np.random.default_rng(0))
+    first = load_modelnet40(folder, num_points=5, cache_dir=tmp_path / "cache")
+    file = folder / "chair" / "chair_0100.txt"
+    replacement = np.random.default_rng(1).normal(size=(8, 6))
+    np.savetxt(file, replacement, delimiter=",", fmt="%.6f")  # the list files are untouched
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))
+    second = load_modelnet40(folder, num_points=5, cache_dir=tmp_path / "cache")
+    index = samples["test"].index("chair_0100")
+    assert not np.allclose(first["test"][0][index], second["test"][0][index])
+    np.testing.assert_allclose(second["test"][0][index], _normalised(replacement[:5, :3]), atol=1e-5)
 
 
 def test_load_text_layout_missing_sample_file(tmp_path):

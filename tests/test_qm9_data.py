@@ -331,6 +331,16 @@ def test_radius_graph_rejects_bad_input():
         radius_graph(np.zeros((4, 3)), 1.0, 0)
 
 
+def test_non_finite_atom_positions_are_refused_but_padding_is_not_read(tiny):
+    broken = {**tiny, "positions": tiny["positions"].copy()}
+    n = int(broken["num_atoms"][5])
+    broken["positions"][5, n:] = np.nan  # padding slots: never read
+    compute_neighbor_lists(broken, 10.0)
+    broken["positions"][5, 0, 0] = np.nan  # a real atom: its edges would silently vanish
+    with pytest.raises(ValueError, match=r"non-finite atom positions in molecule\(s\) \[5\]"):
+        compute_neighbor_lists(broken, 10.0)
+
+
 @pytest.mark.parametrize("cutoff, max_neighbors", [(2.0, None), (10.0, None), (2.0, 2)])
 def test_neighbor_lists_match_radius_graph(tiny, cutoff, max_neighbors):
     lists = compute_neighbor_lists(tiny, cutoff, max_neighbors)
