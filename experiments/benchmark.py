@@ -4,11 +4,18 @@
 
 For each model and method the step built by :func:`ace_jax.engine.make_trainer` (the same
 program ``fit`` runs: vmapped loss, primal Adam, dual ascent, slack descent) is compiled, warmed
-up, then timed over ``--steps`` calls with ``block_until_ready``; the methods of one model are
-timed interleaved (round-robin blocks of steps) so machine noise does not bias their ratio. Prints a table (with the ACE /
-vanilla step ratio) and writes DIR/benchmark.json: a list of records ``{"model", "method",
-"batch", "params", "compile_s", "step_ms_median", "step_ms_p90", "temp_mib",
-"page_faults_per_step", "device"}``.
+up, then timed over ``--steps`` calls (rounded up to a multiple of 10) with
+``block_until_ready``; the methods of one model are timed interleaved (round-robin blocks of
+steps) so machine noise does not bias their ratio. Every method of a model times the model
+its study module's ``benchmark_case`` builds; for the N-body models that is the model with
+plain (not spectrally normalised) branches, so their ``ace-resilient`` rows time
+``experiments.nbody --spectral-branch off``, not that study's default for ace-resilient
+(spectral branches, 10 power steps per branch and step). Prints a table (with the ACE /
+vanilla step ratio) and writes DIR/benchmark.json after every model: a list of records
+``{"model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90",
+"temp_mib", "page_faults_per_step", "timed_steps", "device"}``. Without ``--models``, a model
+whose study module or data is missing (QM9 without qm9pack, EGNO without ../shared/data) is
+skipped with a message; named in ``--models``, it is an error.
 
 ``temp_mib`` is the compiled step's scratch memory (XLA's memory analysis) and
 ``page_faults_per_step`` the process's minor page faults per timed step. On the CPU the XLA
@@ -80,7 +87,8 @@ def compile_step(task, batch, method: str, seed: int = 0):
 
 def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10) -> dict:
     """Compile every method's step, then time them *interleaved*: ``rounds`` rounds in which each
-    method runs ``ceil(steps / rounds)`` steps in turn (in reversed order every other round), so
+    method runs ``ceil(steps / rounds)`` steps in turn (so ``steps`` is rounded up to a multiple
+    of ``rounds``; the record's ``timed_steps`` says how many were timed) (in reversed order every other round), so
     a slow phase of a shared machine hits all methods alike instead of whichever happened to run
     then, and no method always runs first. Returns per method the
     parameter count, compile seconds and the median / p90 of the per-step wall times."""
@@ -117,6 +125,7 @@ def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int 
             "step_ms_p90": round(float(np.percentile(times_ms, 90)), 3),
             "temp_mib": scratch_mib(run["step"]),
             "page_faults_per_step": round(run["faults"] / len(times_ms), 1),
+            "timed_steps": len(times_ms),
         }
     return out
 
@@ -130,8 +139,10 @@ def scratch_mib(compiled) -> float | None:
 
 def load_case(model: str, batch: int | None):
     module_name, args, default_batch, kwargs = MODELS[model]
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     module = importlib.import_module(module_name)
-    size = batch or default_batch
+    size = default_batch if batch is None else batch
     task, data = module.benchmark_case(*args, size, **kwargs)
     return task, data, size
 
@@ -149,29 +160,30 @@ def main(argv=None):
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    methods = args.methods.split(",")
-    if any(m not in METHODS for m in methods):
-        raise SystemExit(f"--methods must be among {', '.join(METHODS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise SystemExit(f"--methods must list distinct methods among {', '.join(METHODS)}, got {args.methods!r}")
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
 
     device = str(jax.devices()[0].device_kind)
     records, rows = [], []
     for model in models:
         try:
             task, batch, size = load_case(model, args.batch)
-        except (ImportError, AttributeError) as err:
+        except (ImportError, AttributeError, FileNotFoundError) as err:
             if args.models:  # explicitly asked for: fail loudly
                 raise
-            print(f"skipping {model}: its study module is not available ({err})")
+            # e.g. egno without ../shared/data (the MoCap file) or qm9 models without qm9pack
+            print(f"skipping {model}: its study module or data is not available ({err})")
             continue
-        base = None
         timings = time_methods(task, batch, methods, args.steps)
+        base = timings["vanilla"]["step_ms_median"] if "vanilla" in timings else None
         for method in methods:
             rec = {"model": model, "method": method, "batch": size, **timings[method], "device": device}
             records.append(rec)
-            if method == "vanilla":
-                base = rec["step_ms_median"]
             ratio = f"{rec['step_ms_median'] / base:.2f}x" if base else "-"
             rows.append([
                 model, method, size, rec["params"], rec["compile_s"], rec["step_ms_median"], rec["step_ms_p90"], ratio,
@@ -182,6 +194,7 @@ def main(argv=None):
                 f"  scratch {rec['temp_mib']} MiB  {rec['page_faults_per_step']} faults/step",
                 flush=True,
             )
+        write_json(f"{args.out}/benchmark.json", records)  # after every model: a later failure keeps these
     headers = ["model", "method", "batch", "params", "compile s", "median ms", "p90 ms", "vs vanilla", "scratch MiB", "faults/step"]
     table = markdown_table(headers, rows)
     print(f"\ndevice: {device}\n" + table)

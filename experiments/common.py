@@ -16,24 +16,45 @@ options, kept here so that runs of other models never import e3nn-jax."""
 
 
 def summarize(values: Sequence[float]) -> dict:
-    """``{"mean", "std"}`` over seeds (population std; 0 for one seed). A non-finite value (a
-    diverged seed) makes both NaN, which :func:`write_json` writes as null: no mean is reported
-    rather than one over the surviving seeds; the per-seed lists keep every value."""
+    """``{"mean", "std"}`` over seeds: the sample standard deviation (n − 1 in the denominator,
+    the usual "mean ± std over seeds"; 0 for one seed). A non-finite value (a diverged seed)
+    makes both NaN, which :func:`write_json` writes as null: no mean is reported rather than
+    one over the surviving seeds; the per-seed lists keep every value."""
     arr = np.asarray(list(values), np.float64)
     if arr.size == 0:
         raise ValueError("summarize: no values")
-    return {"mean": float(arr.mean()), "std": float(arr.std())}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else (0.0 if np.all(np.isfinite(arr)) else float("nan"))
+    return {"mean": float(arr.mean()), "std": std}
 
 
 def parse_list(text: str | None, known: Sequence[str], what: str) -> list[str]:
-    """Split ``"a,b"`` and check every entry is known (clear error otherwise)."""
+    """Split ``"a,b"`` and check every entry is known and named once (clear error otherwise);
+    None or "" gives all of ``known``."""
     if not text:
         return list(known)
     items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise SystemExit(f"no {what} given in {text!r}; choose from {', '.join(known)}")
     unknown = [t for t in items if t not in known]
     if unknown:
         raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(known)}")
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        raise SystemExit(f"{what} named more than once: {', '.join(repeated)}")
     return items
+
+
+def _int_at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum`` (argparse reports anything else)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # how argparse names the type in its message
+    return parse
 
 
 def add_study_args(parser: argparse.ArgumentParser, presets: Mapping[str, Any]) -> argparse.ArgumentParser:
@@ -41,9 +62,9 @@ def add_study_args(parser: argparse.ArgumentParser, presets: Mapping[str, Any]) 
     parser.add_argument("--preset", choices=sorted(presets), default="quick", help="budget preset")
     parser.add_argument("--out", required=True, help="output folder (results.json, plots, logs)")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=_int_at_least(1), default=None, help="number of seeds (default: the preset's)")
+    parser.add_argument("--epochs", type=_int_at_least(1), default=None, help="override the preset's epochs")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="first seed")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 

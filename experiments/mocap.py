@@ -394,7 +394,7 @@ def results_table(report: Mapping[str, Any]) -> str:
         f"\nPreset `{config['preset']}`: {config['epochs']} epochs, {config['seeds']} seed(s), hidden "
         f"{config['hidden']}, {config['num_layers']} layers, batch {config['batch_size']}, lr "
         f"{config['learning_rate']}, dual lr {config['dual_learning_rate']} ({config['dual_optimizer']}). "
-        "Mean ± std over seeds. Selection: validation last-frame MSE of the projection (ace-resilient: of "
+        "Mean ± sample std over seeds. Selection: validation last-frame MSE of the projection (ace-resilient: of "
         "the full model).\n"
     )
     return "# EGNO on CMU MoCap Run (test MSE of the last frame, ×10⁻²)\n\n" + markdown_table(header, rows) + notes

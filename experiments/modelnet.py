@@ -87,7 +87,7 @@ from 2.46 at epoch 25 to 3.64 at epoch 27, back to chance. Clean, ACE is not bet
 against 92.6 %). Seeds 2 and 3 of the clean study (``--classes all --studies clean --methods
 vanilla,ace --seed 2 --seeds 2``, decided before they ran, as a replication; 866–874 s per run):
 vanilla 94.0 / 90.75 %, ACE projection 93.4 / 90.5 % (full the same). Over seeds 0–3 the clean
-accuracy is 92.5 ± 1.2 % vanilla against 92.1 ± 1.3 % ACE; ACE is ahead on one seed of four
+accuracy is 92.5 ± 1.4 % vanilla against 92.1 ± 1.5 % ACE; ACE is ahead on one seed of four
 (paired differences +0.4, −1.1, −0.6, −0.3 points; t = −1.3, 3 degrees of freedom). Clean, at
 40 classes, ACE does not beat vanilla on this stand-in.
 
@@ -595,7 +595,7 @@ def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=
 
 
 def results_table(results: dict) -> str:
-    """Markdown table: study, method, the four test accuracies (mean ± std, %), epoch time."""
+    """Markdown table: study, method, the four test accuracies (mean ± sample std over seeds, %), epoch time."""
     rows = []
     for study, methods in results["runs"].items():
         for method, r in methods.items():

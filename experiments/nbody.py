@@ -70,7 +70,7 @@ benchmarks ran; the wall times include the pauses.
 With plain ascent (``--dual-optimizer ascent``, the preset's default; run for seeds 0 and 1
 after the Adam runs and for seed 2 later, settings fixed beforehand) the projection reaches
 0.00395 / 0.00391 / 0.00384, mean 0.00390 ± 0.00006 (−9 %, −14 %, −14 % against vanilla's
-0.00435 / 0.00455 / 0.00447 for the same seeds), level with the Adam dual's 0.00396 ± 0.00005:
+0.00435 / 0.00455 / 0.00447 for the same seeds), level with the Adam dual's 0.00396 ± 0.00006:
 neither dual update reaches the paper's 3.8e-3 here (the best single seed, 0.00384, is 1 %
 above it). γ does not settle under plain ascent either: it oscillates about zero from
 the first epochs on, with a period that shortens from ~120 to ~62 epochs (layer 0's message γ
@@ -95,7 +95,7 @@ augmentation 5.7e-3, scheduled relaxation 4.9e-3):
 
 - Resilient ACE ends at vanilla level: 0.00445 / 0.00434 / 0.00453 against vanilla's 0.00435 /
   0.00455 / 0.00447 for the same seeds (+2 %, −5 %, +1 %; mean 0.00444 ± 0.00009 against
-  0.00446 ± 0.00008). Seed 2 (run later, settings as seeds 0 and 1) ends with |γ| ≤ 5e-4, λ
+  0.00446 ± 0.00010). Seed 2 (run later, settings as seeds 0 and 1) ends with |γ| ≤ 5e-4, λ
   2e-4 … 1.6e-3, u 1.5e-4 … 8e-4 and a full-model SO(3) error of 5e-5. On seed 0, with α = 1,
   the slacks stay small: λ peaks at 0.29 (epoch 23) and u at 0.17 (epoch 58), and |γ| falls
   from 1 to below 2e-4 by epoch 45; from then on |γ| ≤ 0.023, and at the end γ ≈ −4e-5 … −4e-4
@@ -157,7 +157,7 @@ epochs (Adam moves it ~lr per step) and stays at |γ| < 0.07: the run is then a 
 it ends at vanilla level (final |γ| < 2e-3). With plain ascent alone (normal weights) γ also
 oscillates, amplitude 0.3–0.5; PI with κ = 300 damped it to 0 by epoch ~250. The paper's
 3.8e-3 is approached but not reached: over seeds 0, 1 and 2, dense ACE with the Adam dual gives
-0.00396 ± 0.00005 against vanilla's 0.00446 ± 0.00008 (0.00435 / 0.00455 / 0.00447; 11 % lower).
+0.00396 ± 0.00006 against vanilla's 0.00446 ± 0.00010 (0.00435 / 0.00455 / 0.00447; 11 % lower).
 Rank-16 branches (``--branch-rank 16``, seed 0) give 0.00415, between the two.
 In-kernel branches (``--branch-kind in_kernel``, the cheap folded kind) give no gain with the
 current model: validation stayed above the dense run's at every point (best 0.00464 against
@@ -166,13 +166,13 @@ current model: validation stayed above the dense run's at every point (best 0.00
 EGNN at ``--preset paper`` (``--model egnn --dual-optimizer adam``, one core per run; about
 0.7–0.8 s per epoch for either method):
 
-| method | projection test MSE, seeds 0 / 1 / 2 | mean ± std | full model | best epochs | wall |
+| method | projection test MSE, seeds 0 / 1 / 2 | mean ± sample std | full model | best epochs | wall |
 |---|---|---|---|---|---|
-| vanilla | 0.00697 / 0.00733 / 0.00707 | 0.00712 ± 0.00015 | – | 219, 1914, 1834 | 4424 s (3 seeds) |
-| ACE, Adam dual (branch init scale 0.01, the default) | 0.00692 / 0.00693 / 0.00679 | **0.00688 ± 0.00006** | 0.00692 / 0.00697 / 0.00685 | 1969, 1999, 209 | 3312 s (seeds 0, 1) + 1703 s (seed 2) |
-| ACE, plain ascent (the preset's dual; scale 0.01) | 0.00662 / 0.00727 / 0.00673 | **0.00688 ± 0.00028** | 0.00660 / 0.00729 / 0.00673 | 1984, 1884, 1974 | 1592–1643 s per seed |
+| vanilla | 0.00697 / 0.00733 / 0.00707 | 0.00712 ± 0.00019 | – | 219, 1914, 1834 | 4424 s (3 seeds) |
+| ACE, Adam dual (branch init scale 0.01, the default) | 0.00692 / 0.00693 / 0.00679 | **0.00688 ± 0.00008** | 0.00692 / 0.00697 / 0.00685 | 1969, 1999, 209 | 3312 s (seeds 0, 1) + 1703 s (seed 2) |
+| ACE, plain ascent (the preset's dual; scale 0.01) | 0.00662 / 0.00727 / 0.00673 | **0.00688 ± 0.00035** | 0.00660 / 0.00729 / 0.00673 | 1984, 1884, 1974 | 1592–1643 s per seed |
 | unconstrained (γ free, O(3) augmentation; selected on the full model), seeds 0 / 1 / 2 | 0.00753 / 0.00853 / 0.0336 | – | **0.00696 / 0.00726 / 0.00684** (0.00702 ± 0.00022) | 1899, 1929, 154 | 1609 / 1610 / 1938 s |
-| ACE, Adam dual, ``--branch-init-scale 1`` (LeCun, the earlier default) | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.039 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s (3 seeds) |
+| ACE, Adam dual, ``--branch-init-scale 1`` (LeCun, the earlier default) | 0.00766 / 0.00638 / 0.0903 | 0.0348 ± 0.048 | 0.00753 / 0.00635 / 0.0532 | 1809, 1974, 474 | 5011 s (3 seeds) |
 | penalty (REMUL, β = 1, O(3) transform; selected on the full model), seed 0 only | 0.00861 | – | 0.00714 | 1964 | 4643 s³ |
 
 ³ One core, with the other core running the SEGNN penalty run and this project's tests for part
@@ -642,7 +642,7 @@ def render_table(model_name: str, summaries: dict, config: dict) -> str:
     intro = (
         f"N-body (charged, 5 particles), {config['train_size']} train / {config['val_size']} val / "
         f"{config['test_size']} test, field E = {config['field']}, {config['epochs']} epochs, "
-        f"seeds {config['seeds']}; mean ± std over seeds.\n\n"
+        f"seeds {config['seeds']}; mean ± sample std over seeds.\n\n"
     )
     return intro + markdown_table(header, rows)
 

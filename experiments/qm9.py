@@ -57,9 +57,9 @@ molecules, 25 000 steps of 16, 38–39 min for the four runs of a seed), seeds 0
 | target | vanilla | ACE projection | ACE full |
 |---|---|---|---|
 | ZPVE (eV) | 0.01148 / 0.01193 / 0.01301 | 0.01002 / 0.01253 / 0.01362 | 0.01002 / 0.01253 / 0.01362 |
-| mean ± std | 0.01214 ± 0.00064 | 0.01206 ± 0.00151 | |
+| mean ± sample std | 0.01214 ± 0.00079 | 0.01206 ± 0.00185 | |
 | Cv (cal/mol K) | 0.1746 / 0.1682 / 0.1734 | 0.1710 / 0.1708 / 0.1634 | 0.1712 / 0.1708 / 0.1636 |
-| mean ± std | 0.1721 ± 0.0028 | 0.1684 ± 0.0035 | |
+| mean ± sample std | 0.1721 ± 0.0034 | 0.1684 ± 0.0043 | |
 
 ACE's mean is lower on both targets, but by less than the spread over seeds (ZPVE by 0.7 %,
 Cv by 2 %); seed 0 alone looked like a clear gain. In all six ACE runs |γ| is below 5e-3 from

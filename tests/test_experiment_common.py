@@ -1,11 +1,14 @@
 """Shared study helpers: strict JSON output and seed summaries."""
 
+import argparse
 import json
 import math
 
 import numpy as np
 
-from experiments.common import summarize, write_json
+import pytest
+
+from experiments.common import add_study_args, parse_list, summarize, write_json
 
 
 def test_write_json_is_strict_json_for_nan_and_inf(tmp_path):
@@ -19,7 +22,23 @@ def test_write_json_is_strict_json_for_nan_and_inf(tmp_path):
 
 
 def test_summarize_reports_no_mean_when_a_seed_diverged():
-    assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+    assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0)}  # sample std (n - 1)
     assert summarize([0.004]) == {"mean": 0.004, "std": 0.0}
+    assert math.isnan(summarize([float("inf")])["std"])
     out = summarize([0.004, float("nan"), 0.005])
     assert math.isnan(out["mean"]) and math.isnan(out["std"])
+
+
+def test_study_lists_and_counts_refuse_empty_repeated_and_negative_values():
+    known = ("vanilla", "ace")
+    assert parse_list(None, known, "methods") == ["vanilla", "ace"]
+    assert parse_list(" ace ,vanilla", known, "methods") == ["ace", "vanilla"]
+    with pytest.raises(SystemExit, match="no methods given"):
+        parse_list(",", known, "methods")
+    with pytest.raises(SystemExit, match="named more than once: ace"):
+        parse_list("ace,ace", known, "methods")
+    parser = add_study_args(argparse.ArgumentParser(), {"quick": {}})
+    assert parser.parse_args(["--out", "x", "--seed", "0"]).seed == 0
+    for flags in (["--seed", "-1"], ["--seeds", "0"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--out", "x", *flags])
