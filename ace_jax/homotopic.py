@@ -111,7 +111,11 @@ def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
     random kernel. At LeCun initialisation (5 keys) the true σ_max exceeded the estimate by
     0.5–10 % for 64 × 64 kernels and 2–6 % for 336 × 672 and 672 × 336; 100 steps bring it within
     2 %. A kernel divided by the estimate therefore has spectral norm 1 to within that margin, at
-    or above 1, not exactly 1.
+    or above 1, not exactly 1. The fixed start can also miss σ_max altogether: when the top
+    right singular vector is orthogonal to the all-ones v₀ the iteration never sees it (e.g.
+    W = [[2, −2], [0.5, 0.5]], σ_max = 2√2, estimate 1/√2, so W / estimate has norm 4). Random
+    kernels meet this with probability 0, but a kernel with that sign structure, learned or
+    set by hand, can come close; the bound holds only for kernels without it.
     """
     if kernel.ndim != 2:
         raise ValueError(f"spectral_norm expects a 2-D kernel, got shape {kernel.shape}")

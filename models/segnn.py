@@ -62,7 +62,7 @@ Y0 = 1 (the current model) dense ACE reaches 0.00394 / 0.00403 / 0.00391 (seeds 
 therefore the dense branch, like this class's).
 ``branch_rank=r`` factors the dense branch through rank r (:class:`ace_jax.LowRankBranch`).
 Quiet 2-core CPU, interleaved (``experiments.benchmark --models segnn,segnn_rank16 --methods
-vanilla,ace --steps 200`` and an A/B script): rank-16 ACE 1.19–1.20× the vanilla step, dense ACE 1.22–1.29×.
+vanilla,ace --steps 200`` and an A/B script): rank-16 ACE 1.19–1.20× the vanilla step, dense ACE 1.22–1.29× (a later run: rank 16 1.16×).
 The same benchmark pinned to one core (``taskset -c 0``) gives 1.09× (rank 16) and 1.12× (dense):
 vanilla 53.9 / 52.4 ms, ACE 58.7 / 58.8 ms. With both cores vanilla drops to 34.7–35.1 ms (1.5×
 faster) but ACE only to 41.8 / 42.8 ms: the work ACE adds does not share in the second core's
