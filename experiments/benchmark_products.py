@@ -1,18 +1,21 @@
 """Does a branch-sized matrix product use more than one CPU core?
 
     python -m experiments.benchmark_products --out DIR [--rows 500,2000,8000] [--width 128]
-        [--rank 16] [--steps 300]
+        [--rank 16] [--steps 300] [--repeats 2]
 
 A Linear ACE branch on a block's flattened output is, per training step, three products of
 the same size: the forward product y = x W and the two backward ones, ∂L/∂x = ȳ Wᵀ and
 ∂L/∂W = xᵀ ȳ. For x (M, n) and W (n, n) that is 3 · 2Mn² FLOPs. This script jit-compiles
 exactly those three products (the value and gradient of ⟨x W, c⟩ for a fixed c) for each row count M,
-and with ``--rank r`` also the factored branch x A B (A (n, r), B (r, n)), and times them twice
-in fresh processes: pinned to one CPU (``os.sched_setaffinity`` before JAX starts) and on every
-CPU of the process. The ratio of the two medians is the speed-up the extra cores give that
-product. Prints a table and writes DIR/benchmark_products.json: a list of records ``{"rows",
-"width", "rank", "ms_one_cpu", "ms_all_cpus", "speedup", "cpus"}`` (rank None = the full
-n × n product).
+and with ``--rank r`` also the factored branch x A B (A (n, r), B (r, n)), and times them in
+fresh processes: pinned to one CPU (``os.sched_setaffinity`` before JAX starts) and on every
+CPU of the process, ``--repeats`` pairs of processes in alternating order (one CPU first, then
+all CPUs first, ...), each setting's time the median over its processes. The ratio of the two
+is the speed-up the extra cores give that product. Prints a table and writes
+DIR/benchmark_products.json: a list of records ``{"rows", "width", "rank", "ms_one_cpu",
+"ms_all_cpus", "speedup", "cpus", "ms_one_cpu_runs", "ms_all_cpus_runs"}`` (rank None = the
+full n × n product; the ``_runs`` lists hold each process's median). The table below was
+measured before the runs were interleaved (one pair of processes per run).
 
 Why it exists. The N-body SEGNN with dense ACE branches (experiments/nbody.py; batch 100
 graphs of 5 nodes, features 32x0e + 32x1o = 128 numbers per node) runs eight such branches
@@ -54,6 +57,8 @@ import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 
 def parse_counts(text: str, name: str) -> list[int]:
@@ -136,12 +141,15 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=128, help="branch width n")
     parser.add_argument("--rank", type=int, default=16, help="also time the rank-r factored branch (0: no)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="worker pairs, run in alternating order (one CPU first, then all CPUs first, ...)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parse_counts(args.rows, "--rows")
-    if args.width < 1 or args.rank < 0 or args.steps < 1:
-        raise ValueError(f"--width and --steps must be >= 1 and --rank >= 0, got {args.width}, {args.steps}, {args.rank}")
+    if args.width < 1 or args.rank < 0 or args.steps < 1 or args.repeats < 1:
+        raise ValueError(f"--width, --steps and --repeats must be >= 1 and --rank >= 0, got {args.width}, "
+                         f"{args.steps}, {args.repeats}, {args.rank}")
     if args.worker:
         _worker(args)
         return None
@@ -153,13 +161,22 @@ def main(argv=None):
     from experiments.common import markdown_table, write_json
 
     shared = ["--rows", args.rows, "--width", str(args.width), "--rank", str(args.rank), "--steps", str(args.steps)]
-    one = _run_worker(shared, one_cpu=True)
-    every = _run_worker(shared, one_cpu=False)
+    # interleaved: pairs of workers in alternating order, so a slow phase of a shared machine
+    # does not land on one setting only; each setting's time is the median over its runs
+    runs = {True: [], False: []}
+    for repeat in range(args.repeats):
+        for one_cpu in ((True, False) if repeat % 2 == 0 else (False, True)):
+            runs[one_cpu].append(_run_worker(shared, one_cpu=one_cpu))
+    every = runs[False][0]
     records = []
-    for a, b in zip(one["results"], every["results"]):
-        records.append({"rows": a["rows"], "width": a["width"], "rank": a["rank"],
-                        "ms_one_cpu": round(a["ms"], 6), "ms_all_cpus": round(b["ms"], 6),
-                        "speedup": round(a["ms"] / b["ms"], 3), "cpus": every["cpus"]})
+    for k, shape in enumerate(every["results"]):
+        one_ms = [run["results"][k]["ms"] for run in runs[True]]
+        all_ms = [run["results"][k]["ms"] for run in runs[False]]
+        a, b = float(np.median(one_ms)), float(np.median(all_ms))
+        records.append({"rows": shape["rows"], "width": shape["width"], "rank": shape["rank"],
+                        "ms_one_cpu": round(a, 6), "ms_all_cpus": round(b, 6),
+                        "speedup": round(a / b, 3), "cpus": every["cpus"],
+                        "ms_one_cpu_runs": [round(t, 6) for t in one_ms], "ms_all_cpus_runs": [round(t, 6) for t in all_ms]})
     header = ["rows", "width", "rank", "1 CPU ms", f"{every['cpus']} CPUs ms", "speed-up"]
     table = [[r["rows"], r["width"], r["rank"] or "full", f"{r['ms_one_cpu']:.3f}", f"{r['ms_all_cpus']:.3f}",
               f"{r['speedup']:.2f}x"]

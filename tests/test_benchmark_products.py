@@ -24,13 +24,15 @@ def test_time_products_times_full_and_factored_branches():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning to one CPU needs Linux")
 def test_cli_writes_one_record_per_shape_with_both_timings(tmp_path):
     records = benchmark_products.main(
-        ["--out", str(tmp_path), "--rows", "8,16", "--width", "4", "--rank", "2", "--steps", "3"])
+        ["--out", str(tmp_path), "--rows", "8,16", "--width", "4", "--rank", "2", "--steps", "3", "--repeats", "2"])
     written = json.loads((tmp_path / "benchmark_products.json").read_text())
     assert written == records
     assert [(r["rows"], r["rank"]) for r in written] == [(8, None), (8, 2), (16, None), (16, 2)]
     for r in written:
         assert r["ms_one_cpu"] > 0 and r["ms_all_cpus"] > 0 and r["cpus"] >= 1
         assert r["speedup"] == pytest.approx(r["ms_one_cpu"] / r["ms_all_cpus"], rel=1e-2)
+        assert len(r["ms_one_cpu_runs"]) == len(r["ms_all_cpus_runs"]) == 2  # one per process
+        assert r["ms_one_cpu"] == pytest.approx(sum(r["ms_one_cpu_runs"]) / 2, rel=1e-4)  # median of two
 
 
 def test_cli_rejects_bad_settings(tmp_path):
