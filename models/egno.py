@@ -33,6 +33,9 @@ distance ``‖x⁰_i − x⁰_j‖² / s_x²``)::
     x_i  ← x_i + v_i
     h_i  ← h_i + φ_h(h_i, Σ_j m_ij)                              [+ γ_h g_h(z_i)]
 
+(the h update, and with it the feature branch, is left out of the last layer: the output is x
+alone, so a last-layer γ_h could not act on it).
+
 ``s_x`` (``length_scale``) and ``s_v`` (``velocity_scale``) are fixed positive constants, e.g.
 the training set's spreads, that put lengths and velocities on an O(1) scale (scaling an
 invariant or a vector by a constant changes no symmetry).
@@ -161,6 +164,8 @@ class EGNOLayer(nn.Module):
       invariant edge attributes; project: skip (do not build or evaluate) the branches.
 
     Returns ``(h, x, v)`` with the same shapes. See the module docstring for the update.
+    ``update_features=False`` (the last layer, whose h is never read) returns h unchanged and
+    builds neither φ_h nor the feature branch.
     ``length_scale`` (s_x) divides the current distances (squared: s_x²) and the raw ``x − c``
     fed to the branches, ``velocity_scale`` the raw ``v`` fed to the branches.
     """
@@ -169,6 +174,7 @@ class EGNOLayer(nn.Module):
     gamma_init: float = 1.0
     length_scale: float = 1.0
     velocity_scale: float = 1.0
+    update_features: bool = True
 
     @nn.compact
     def __call__(self, h, x, v, centroid, edges, edge_features, *, project: bool = False):
@@ -188,11 +194,11 @@ class EGNOLayer(nn.Module):
         trans_sum = jnp.zeros_like(x).at[:, receivers].add(rel * coord_weights)
         trans_mean = trans_sum / jnp.maximum(degree, 1.0)[None, :, None]
         vel_scale = _MLP((self.hidden, 1), name="vel_mlp")(h)  # (T, J, 1)
-        message_sum = jnp.zeros((num_frames, num_nodes, self.hidden), h.dtype).at[:, receivers].add(messages)
-        h_update = _MLP((self.hidden, self.hidden), name="node_mlp")(jnp.concatenate([h, message_sum], axis=-1))
-
         v_new = vel_scale * v + trans_mean
-        h_new = h + h_update
+        h_new = h
+        if self.update_features:
+            message_sum = jnp.zeros((num_frames, num_nodes, self.hidden), h.dtype).at[:, receivers].add(messages)
+            h_new = h + _MLP((self.hidden, self.hidden), name="node_mlp")(jnp.concatenate([h, message_sum], axis=-1))
         if not project:
             # Raw centred coordinates and velocities as plain numbers: orientation-aware inputs.
             breaking_input = jnp.concatenate(
@@ -201,9 +207,10 @@ class EGNOLayer(nn.Module):
             v_new = v_new + SymmetryBreaking(
                 MLPBranch(3, spectral=True), self.gamma_init, name="coordinate_breaking"
             )(breaking_input)
-            h_new = h_new + SymmetryBreaking(
-                MLPBranch(self.hidden, spectral=True), self.gamma_init, name="feature_breaking"
-            )(breaking_input)
+            if self.update_features:
+                h_new = h_new + SymmetryBreaking(
+                    MLPBranch(self.hidden, spectral=True), self.gamma_init, name="feature_breaking"
+                )(breaking_input)
         return h_new, x + v_new, v_new
 
 
@@ -226,8 +233,9 @@ class EGNO(nn.Module):
     project=False) -> (T, J, 3)`` predicted positions of ONE sample. ``edges`` are
     ``(sender, receiver)`` index pairs; ``edge_attr`` invariant edge attributes (on MoCap the
     hop type). With ``project=True`` the branches are neither built nor evaluated.
-    Per layer ``i`` the γ's are ``layer_{i}/coordinate_breaking/gamma`` and
-    ``layer_{i}/feature_breaking/gamma``.
+    Per layer ``i`` the γ's are ``layer_{i}/coordinate_breaking/gamma`` and, except in the last
+    layer (whose scalar features are never read, so it has no feature update),
+    ``layer_{i}/feature_breaking/gamma``: 2L − 1 γ in all.
     """
 
     hidden: int = 128
@@ -272,7 +280,10 @@ class EGNO(nn.Module):
             vectors = jnp.stack([x - centroid, v], axis=-1)  # (T, J, 3, 2)
             vectors = vectors + TemporalFourierConv(2, self.modes, name=f"time_conv_x_{i}")(vectors)
             x, v = vectors[..., 0] + centroid, vectors[..., 1]
-            layer = EGNOLayer(self.hidden, self.gamma_init, self.length_scale, self.velocity_scale, name=f"layer_{i}")
+            # the last layer's h would never be read: no feature update and no feature branch
+            # there (its γ would be constrained but could not act on the output)
+            layer = EGNOLayer(self.hidden, self.gamma_init, self.length_scale, self.velocity_scale,
+                              update_features=i < self.num_layers - 1, name=f"layer_{i}")
             h, x, v = layer(h, x, v, centroid, edges, edge_features, project=project)
         return x
 

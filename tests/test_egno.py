@@ -128,14 +128,20 @@ def test_full_model_and_each_branch_break_the_vertical_rotation_symmetry(setup):
     model, variables, state, edges, edge_attr = setup
     elements = vertical_group_elements(3)
     names = set(ace_jax.named_leaves(variables["gamma"]))
-    kinds = ("coordinate_breaking", "feature_breaking")
-    assert names == {f"layer_{i}/{kind}/gamma" for i in range(2) for kind in kinds}
-    for coordinate, feature in ((1.0, 1.0), (0.5, 0.0), (0.0, 0.5)):
-        v = _with_gammas(variables, {"coordinate_breaking": coordinate, "feature_breaking": feature})
-        predict = make_predict(model, v, edges, edge_attr, project=False)
+    # the last layer's h is never read, so it has no feature branch (its γ could not act)
+    assert names == {"layer_0/coordinate_breaking/gamma", "layer_0/feature_breaking/gamma",
+                     "layer_1/coordinate_breaking/gamma"}
+    v = _with_gammas(variables, {"coordinate_breaking": 1.0, "feature_breaking": 1.0})
+    predict = make_predict(model, v, edges, edge_attr, project=False)
+    assert float(ace_jax.relative_equivariance_error(predict, state, elements, act_in, act_out)) > 1e-4
+    for name in names:  # each γ alone breaks the symmetry: no branch is wired to nothing
+        gamma = jax.tree.map(jnp.zeros_like, variables["gamma"])
+        layer, kind, _ = name.split("/")
+        gamma[layer][kind]["gamma"] = jnp.asarray(0.5)
+        predict = make_predict(model, {**variables, "gamma": gamma}, edges, edge_attr, project=False)
         err = float(ace_jax.relative_equivariance_error(predict, state, elements, act_in, act_out))
         # far above the round-off level (≤ 1e-6 here) of an equivariant model
-        assert err > 1e-4, (coordinate, feature, err)
+        assert err > 1e-4, (name, err)
     # γ = 0 is the projection: same outputs as project=True, hence equivariant again.
     zero = ace_jax.projected_variables(variables)
     full_at_zero = make_predict(model, zero, edges, edge_attr, project=False)
@@ -211,7 +217,7 @@ def test_projection_init_builds_no_branches_and_no_gamma(setup):
     assert set(vanilla) == {"params"}
     vanilla_names = set(ace_jax.named_leaves(vanilla["params"]))
     assert not [name for name in vanilla_names if "breaking" in name]
-    assert len(ace_jax.named_leaves(full["gamma"])) == 2 * model.num_layers
+    assert len(ace_jax.named_leaves(full["gamma"])) == 2 * model.num_layers - 1  # no feature branch in the last layer
     assert all(float(g) == 1.0 for g in ace_jax.named_leaves(full["gamma"]).values())
     # The full model's params restricted to the vanilla structure run the projection:
     # with project=True the branches (absent here) are never evaluated.

@@ -57,7 +57,7 @@ def test_tiny_study_writes_the_results_schema(tmp_path):
     assert vanilla["final_gammas"] == [{}]
     assert vanilla["test_mse_full"] == vanilla["test_mse_projection"]  # no branches: full = projection
     gammas = on_disk["methods"]["ace-resilient"]["final_gammas"][0]
-    assert set(gammas) == {"layer_0/coordinate_breaking/gamma", "layer_0/feature_breaking/gamma"}
+    assert set(gammas) == {"layer_0/coordinate_breaking/gamma"}  # one layer: no feature branch (its h is unused)
     assert all(g != 1.0 for g in gammas.values())  # γ is trained
     assert (tmp_path / "val_curves.png").is_file()
     table = (tmp_path / "table.md").read_text()
@@ -121,7 +121,7 @@ def test_benchmark_case_gives_the_paper_model_and_a_real_batch(data):
     _, again = study.benchmark_case(4, seed=1)
     np.testing.assert_array_equal(again["loc"], batch["loc"])
     shapes = jax.eval_shape(lambda k: task.init(k, True), jax.random.PRNGKey(0))
-    assert len(ace_jax.named_leaves(shapes["gamma"])) == 12  # 6 layers × (features, coordinates)
+    assert len(ace_jax.named_leaves(shapes["gamma"])) == 11  # 6 layers × (features, coordinates), no feature branch in the last
     assert shapes["params"]["embedding"]["kernel"].shape[-1] == 128
     assert "gamma" not in jax.eval_shape(lambda k: task.init(k, False), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="batch"):
