@@ -28,12 +28,14 @@ u per epoch). The study writes ``DIR/results.json`` (schema below), ``DIR/table.
                         "final_gammas": [{γ name: value} per seed], "best_epoch": [per seed],
                         "wall_s": total seconds over seeds}}}
 
-MSE values are in units of 1e-2 and mean/std run over seeds (population std).
+MSE values are in units of 1e-2 and mean/std run over seeds (sample std, n − 1).
 
 Measured (2-core CPU, one core per run, seed 0, ``--preset paper --epochs 500``, ~2.1 h each):
 vanilla EGNO 41.9 (best epoch 424), ace-resilient full model 22.7 (best epoch 449; 10 of 12
 γ end at |γ| < 3e-4, the last layer's coordinate branch keeps γ = 0.32); paper 35.3 / 23.8 at
-3000 epochs; constant velocity 1980.
+3000 epochs; constant velocity 1980. (Measured when the last layer also carried a feature
+branch, whose output was never read: 12 γ then, 11 now; the model's outputs and its other
+parameters are unchanged, models/egno.py.)
 :func:`benchmark_case` gives the lead's step-time benchmark an EGNO :class:`ace_jax.Task`
 and one real training batch.
 """
