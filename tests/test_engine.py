@@ -86,11 +86,13 @@ def test_equality_drives_gamma_to_zero_on_symmetric_data():
     assert res.test["projection"]["metric"] < 2e-2  # vs 5.0 for an untrained model
 
 
-def test_resume_gives_the_uninterrupted_numbers(tmp_path):
+@pytest.mark.parametrize("dual", [dict(), dict(dual_optimizer="adam"), dict(dual_proportional=5.0)])
+def test_resume_gives_the_uninterrupted_numbers(tmp_path, dual):
+    """Also with dual transforms that carry state (Adam moments, the PI term's last violation)."""
     data = _data()
-    full = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "a")))
-    aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=str(tmp_path / "b")))
-    resumed = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "b")))
+    full = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "a"), **dual))
+    aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=str(tmp_path / "b"), **dual))
+    resumed = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "b"), **dual))
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
@@ -320,3 +322,43 @@ def test_triangle_schedule_rises_to_one_and_returns_to_zero():
     assert [aj.triangle_schedule(e, 4) for e in range(4)] == [0.0, 0.5, 1.0, 0.5]
     with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\)"):
         aj.triangle_schedule(-3, 4)
+
+
+def test_method_losses_follow_their_definitions():
+    """Hand-derived: loss = y (+100 when the projection is used), transform y ↦ 10 y + 1."""
+    task = aj.Task(
+        init=lambda k, has: {},
+        loss=lambda v, ex, r, project: ex["y"] + 100.0 * project,
+        transform=lambda r, ex: {"y": 10.0 * ex["y"] + 1.0},
+    )
+    example, key = {"y": jnp.asarray(2.0)}, jax.random.PRNGKey(0)
+    expected = {
+        "vanilla": 102.0,  # the projection, no branches
+        "ace": 2.0,
+        "unconstrained": 21.0,  # ℓ(g·x)
+        "penalty": 2.0 + 21.0,  # ℓ(x) + β ℓ(g·x), β = 1
+    }
+    for name, value in expected.items():
+        got = aj.engine.method_loss(task, aj.get_method(name))({}, example, key)
+        assert float(got) == pytest.approx(value), name
+    half = aj.engine.method_loss(task, aj.get_method("penalty", penalty_weight=0.5))({}, example, key)
+    assert float(half) == pytest.approx(2.0 + 0.5 * 21.0)
+
+
+def test_deployed_model_of_every_method():
+    deployed = {name: aj.get_method(name).deployed for name in aj.METHOD_NAMES}
+    assert deployed == {
+        "vanilla": "projection", "ace": "projection", "scheduled": "projection",
+        "ace-resilient": "full", "ace-inequality": "full", "unconstrained": "full", "penalty": "full",
+    }
+
+
+def test_scheduled_sets_gamma_by_the_triangle_and_adds_the_weighted_regularizer():
+    data = _data(64)
+    task = _task()
+    constant = aj.Task(init=task.init, loss=task.loss, transform=task.transform,
+                       regularizer=lambda v, batch, rng: jnp.asarray(3.0))
+    res = aj.fit(constant, data, data, data, aj.get_method("scheduled", regularizer_weight=0.5), _config(epochs=4))
+    assert [r["gamma"]["breaking/gamma"] for r in res.history] == [0.0, 0.5, 1.0, 0.5]
+    for r in res.history:  # L = loss + 0.5 · 3
+        assert r["train_lagrangian"] - r["train_loss"] == pytest.approx(1.5, abs=1e-5)

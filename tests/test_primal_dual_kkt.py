@@ -47,6 +47,15 @@ def test_resilient_converges_to_relaxed_kkt_point(alpha):
     assert float(state.multipliers["g"]) == pytest.approx(alpha * float(state.slacks["g"]), abs=1e-3)
 
 
+def test_inequality_is_active_when_the_optimum_lies_outside_the_bound():
+    # ℓ = ½θ² + ½(γ − 1)², |γ| ≤ 0.3: γ* = 0.3 on the bound, ∂ℓ/∂γ + λ sign(γ) = 0 ⇒ λ* = 0.7.
+    state = _run(lambda t, g: 0.5 * t**2 + 0.5 * (g - 1) ** 2, Inequality(epsilon=0.3), steps=4000)
+    assert float(state.gamma["g"]) == pytest.approx(0.3, abs=2e-3)
+    assert float(state.multipliers["g"]) == pytest.approx(0.7, abs=2e-3)
+    c = Inequality(epsilon=0.3).constraints({"g": jnp.array(-0.5)}, {})
+    np.testing.assert_allclose(c["g"], 0.2)  # |γ| − ε
+
+
 def test_inequality_is_inactive_when_unconstrained_optimum_is_feasible():
     # ℓ = ½(γ − 0.1)², |γ| ≤ 0.5: optimum γ* = 0.1 strictly inside, so λ* = 0.
     state = _run(lambda t, g: 0.5 * t**2 + 0.5 * (g - 0.1) ** 2, Inequality(epsilon=0.5), gamma0=0.0)
