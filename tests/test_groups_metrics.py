@@ -55,6 +55,11 @@ def test_c4_actions_are_group_actions():
     np.testing.assert_array_equal(c4_act(img, 4), img)
     # a flip composed with itself is the identity
     np.testing.assert_array_equal(d4_act(d4_act(img, 0, True), 0, True), img)
+    # by hand, as displayed (rows top to bottom, columns left to right):
+    square = jnp.array([[1.0, 2.0], [3.0, 4.0]])[..., None]
+    np.testing.assert_array_equal(c4_act(square, 1)[..., 0], [[2.0, 4.0], [1.0, 3.0]])  # 90° counter-clockwise
+    np.testing.assert_array_equal(d4_act(square, 0, True)[..., 0], [[2.0, 1.0], [4.0, 3.0]])  # mirror left-right
+    np.testing.assert_array_equal(d4_act(square, 1, True)[..., 0], [[1.0, 3.0], [2.0, 4.0]])  # mirror, then rotate
     with pytest.raises(ValueError):
         c4_regular_act(jnp.ones((6, 6, 3, 2)), 1)
 

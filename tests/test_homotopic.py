@@ -184,6 +184,16 @@ def test_spectral_dense_is_1_lipschitz():
     x, y = jax.random.normal(jax.random.PRNGKey(1), (2, 7))
     gap = jnp.linalg.norm(layer.apply(v, x) - layer.apply(v, y))
     assert float(gap) <= float(jnp.linalg.norm(x - y)) * (1 + 1e-3)
+    # the layer's output is x W / σ_max(W) + b, σ_max from the SVD (not e.g. a Frobenius norm)
+    bias = jax.random.normal(jax.random.PRNGKey(2), (12,))
+    v = {"params": {"kernel": kernel, "bias": bias}}
+    sigma = np.linalg.svd(np.asarray(kernel), compute_uv=False)[0]
+    np.testing.assert_allclose(layer.apply(v, x), x @ (kernel / sigma) + bias, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(layer.apply(v, x, 0.5), 0.5 * (x @ (kernel / sigma) + bias), rtol=1e-3, atol=1e-5)
+    # bound=True leaves a kernel with σ_max < 1 as it is: x W + b
+    small = {"params": {"kernel": 0.5 * kernel / sigma, "bias": bias}}
+    bounded = SpectralDense(12, num_iterations=30, bound=True)
+    np.testing.assert_allclose(bounded.apply(small, x), x @ (0.5 * kernel / sigma) + bias, rtol=1e-5, atol=1e-6)
 
 
 def test_axis_mix_branch_layouts_agree_and_break_rotations():

@@ -39,6 +39,10 @@ def test_readme_example_runs():
     gamma = float(state[0]["gamma"]["layer"]["breaking"]["gamma"])
     assert abs(gamma) < 0.05 * abs(gamma0)
     assert scope["deployed"].shape == (64, 1)
+    # the deployed projection is the γ = 0 model: the equivariant (odd) part alone
+    model, variables = scope["model"], scope["variables"]
+    np.testing.assert_allclose(scope["deployed"], model.apply(aj.projected_variables(variables), x), atol=1e-6)
+    np.testing.assert_allclose(model.apply(variables, -x, project=True), -scope["deployed"], atol=1e-6)
 
 
 def test_readme_small_branch_snippet_gives_the_stated_variance():
