@@ -206,3 +206,84 @@ def test_branch_init_scale_zero_starts_at_the_projection(molecules):
 
     grads = ace_jax.named_leaves(jax.grad(squared_output)(variables["params"]))
     assert max(float(jnp.max(jnp.abs(g))) for name, g in grads.items() if "coordinate_branch" in name) > 0.0
+
+
+def stretch_first_bond(positions, length=0.3):
+    """Move the nearest neighbour of atom 0 ``length`` Å further away along their bond: a
+    non-rigid deformation (one interatomic distance changes, the others barely)."""
+    x = positions.copy()
+    distance = np.linalg.norm(x - x[0], axis=1)
+    distance[0] = np.inf
+    j = int(np.argmin(distance))
+    x[j] += length * (x[j] - x[0]) / distance[j]
+    return x
+
+
+def test_projection_depends_on_geometry(molecules, model_and_variables):
+    """The invariance tests above would pass for a model that ignores positions: a stretched
+    bond must change the projection of every molecule, far beyond the rigid-motion tolerance."""
+    _, variables, apply = model_and_variables
+    count = len(molecules["num_atoms"])
+    original = np.asarray(apply(variables, batch_of(molecules), project=True))
+    stretched = np.asarray(apply(variables, batch_of(transformed(molecules, stretch_first_bond)), project=True))
+    scale = np.max(np.abs(original))
+    assert relative_difference(original, stretched) > 1e-3  # 100x the 1e-5 of the invariance tests
+    assert np.all(np.abs(stretched - original)[:count] > 1e-4 * scale)  # every molecule moved
+    np.testing.assert_array_equal(stretched[count:], 0.0)
+
+
+def test_position_gradient_of_projection_is_force_and_torque_free(molecules, model_and_variables):
+    """An E(3)-invariant energy has per-molecule forces F_i = −∂E/∂x_i with Σ_i F_i = 0
+    (translations) and Σ_i x_i × F_i = 0 (rotations); the F_i themselves are not 0 (the
+    model sees the geometry). The full model keeps Σ F_i = 0 (its branches read centred
+    coordinates) but its torque is not 0: the check can fail."""
+    model, variables, _ = model_and_variables
+    batch = batch_of(molecules)
+    mask = jnp.asarray(batch.graph_mask, jnp.float32)
+
+    @jax.jit
+    def forces(positions):
+        def energy(project):
+            return lambda x: jnp.sum(mask * model.apply(variables, batch._replace(positions=x), project=project) ** 2)
+        return jax.grad(energy(True))(positions), jax.grad(energy(False))(positions)
+
+    positions = np.asarray(batch.positions, np.float64)
+    node_graph, node_mask = np.asarray(batch.node_graph), np.asarray(batch.node_mask)
+    projection, full = (np.asarray(g, np.float64) for g in forces(batch.positions))
+    for grads, torque_free in ((projection, True), (full, False)):
+        assert np.max(np.abs(grads)) > 1e-2
+        assert np.all(grads[~node_mask] == 0.0)
+        torques = []
+        for m in range(len(molecules["num_atoms"])):
+            atoms = node_mask & (node_graph == m)
+            x, f = positions[atoms], grads[atoms]
+            size = np.max(np.abs(f)) * np.max(np.abs(x - x.mean(axis=0)))
+            assert np.max(np.abs(f)) > 1e-4 * np.max(np.abs(grads))  # the geometry matters for every molecule
+            assert np.max(np.abs(f.sum(axis=0))) <= 1e-4 * np.max(np.abs(f))
+            torques.append(np.max(np.abs(np.cross(x, f).sum(axis=0))) / size)
+        if torque_free:
+            assert max(torques) <= 1e-4, torques
+        else:
+            assert max(torques) > 1e-2, torques
+
+
+def test_each_branch_alone_breaks_rotations(molecules, model_and_variables):
+    """One γ at a time (the others 0): every interaction block's branch is wired to the
+    output and breaks rotation invariance by itself; all γ = 0 restores it."""
+    _, variables, apply = model_and_variables
+    rotation = rotation_matrix(7)
+    batch, rotated = batch_of(molecules), batch_of(transformed(molecules, lambda x: x @ rotation.T))
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables["gamma"])[0]]
+    assert len(paths) == 3
+
+    def only(on):  # γ = 1 at the leaf ``on``, 0 elsewhere
+        return {**variables, "gamma": jax.tree_util.tree_map_with_path(
+            lambda path, g: jnp.full_like(g, float(path == on)), variables["gamma"])}
+
+    for path in paths:
+        single = only(path)
+        assert sum(float(g) for g in jax.tree.leaves(single["gamma"])) == 1.0
+        error = relative_difference(apply(single, batch, project=False), apply(single, rotated, project=False))
+        assert error > 1e-2, jax.tree_util.keystr(path)
+    none = only(None)
+    assert relative_difference(apply(none, batch, project=False), apply(none, rotated, project=False)) <= 1e-5

@@ -363,16 +363,29 @@ def test_vv_perturbation_adds_a_per_component_vector_map():
         steerable_tensor_product(s, v, 0.3, a1, *weights, vv_perturbation=delta[0])
 
 
+def branch_model(**branch):
+    """SEGNN(**SMALL, **branch) and jit(vmap(apply)) over a batch of graphs (full model), one
+    compilation per branch setting shared by the tests."""
+    return _branch_model(tuple(sorted(branch.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _branch_model(branch):
+    if not branch:
+        return SMALL_MODEL, batched_apply(False)
+    model = SEGNN(**SMALL, **dict(branch))
+    return model, jax.jit(jax.vmap(lambda v, l, ve, c: model.apply(v, l, ve, c), (None, 0, 0, 0)))
+
+
 @pytest.mark.parametrize("branch", [{"branch_kind": "axis"}, {"branch_kind": "in_kernel"}, {"branch_rank": 3}])
 def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(branch):
     """branch_kind "axis" / "in_kernel" and rank-3 dense branches: γ ≠ 0 breaks rotation
     equivariance; γ = 0 is the same SEGNN as the dense-branch model with the same equivariant
     weights (the branch only changes g)."""
-    axis_model = SEGNN(**SMALL, **branch)
+    axis_model, apply = branch_model(**branch)
     graph = nbody_graph(5)
     variables = random_variables(axis_model, *graph, seed=5, gamma=1.0)
     x = graph_batch(11)
-    apply = jax.jit(jax.vmap(lambda v, l, ve, c: axis_model.apply(v, l, ve, c), (None, 0, 0, 0)))
     elements = [(r, np.zeros(3, np.float32)) for r in random_orthogonal_matrices(10, 3, proper=True)]
     assert max_equivariance_error(lambda inputs: apply(variables, *inputs), x, elements) > 1e-3
     shared = {"params": {k: v for k, v in variables["params"].items()}}
@@ -386,6 +399,32 @@ def test_cheap_branches_break_rotations_and_project_to_the_same_segnn(branch):
         SEGNN(**SMALL, branch_kind="conv").init(jax.random.PRNGKey(0), *graph)
     with pytest.raises(ValueError, match="branch_rank"):
         SEGNN(**SMALL, branch_kind="axis", branch_rank=3).init(jax.random.PRNGKey(0), *graph)
+
+
+@pytest.mark.parametrize(
+    "branch", [{}, {"branch_kind": "axis"}, {"branch_kind": "in_kernel"}, {"branch_rank": 3}],
+    ids=["dense", "axis", "in_kernel", "rank3"],
+)
+def test_each_branch_alone_breaks_rotation_equivariance(branch):
+    """One γ at a time (γ = 1, the others 0; branch kernels at their LeCun init scale): each of
+    the 2 x num_layers branches, of every kind, is wired to the output and breaks rotation
+    equivariance by itself; all γ = 0 restores it."""
+    model, apply = branch_model(**branch)
+    variables = random_variables(model, *nbody_graph(5), seed=5, gamma=1.0)
+    x = graph_batch(11)
+    elements = [(r, np.zeros(3, np.float32)) for r in random_orthogonal_matrices(10, 3, proper=True)]
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables["gamma"])[0]]
+    assert len(paths) == 2 * SMALL["num_layers"]
+
+    def error(on):  # γ = 1 at the leaf ``on``, 0 elsewhere
+        gamma = jax.tree_util.tree_map_with_path(lambda path, g: g if path == on else jnp.zeros_like(g),
+                                                 variables["gamma"])
+        single = {**variables, "gamma": gamma}
+        return max_equivariance_error(lambda inputs: apply(single, *inputs), x, elements)
+
+    for path in paths:
+        assert error(path) > 1e-3, jax.tree_util.keystr(path)
+    assert error(None) <= 1e-5
 
 
 def test_permutation_equivariance():

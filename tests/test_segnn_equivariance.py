@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ace_jax import GAMMA, random_orthogonal
+from ace_jax import GAMMA, named_leaves, random_orthogonal
 from models.segnn import SEGNN
 
 
@@ -45,13 +45,36 @@ def test_gamma_breaks_equivariance(setup):
     assert err > 1e-3
 
 
-def test_projection_builds_no_branches(setup):
-    model, variables, (loc, vel, charges) = setup
-    vanilla = model.init(jax.random.PRNGKey(0), loc, vel, charges, project=True)
-    assert GAMMA not in vanilla
-    n_full = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
-    n_vanilla = sum(np.size(x) for x in jax.tree.leaves(vanilla["params"]))
-    assert n_vanilla < n_full
+def _without_branches(tree):
+    """``tree`` without its ACE sub-trees (``*_breaking`` / ``*_branch`` keys at any depth)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_branches(v) for k, v in tree.items() if "breaking" not in k and "branch" not in k}
+
+
+@pytest.mark.parametrize(
+    "branch", [{}, {"branch_kind": "axis"}, {"branch_kind": "in_kernel"}, {"branch_rank": 3}],
+    ids=["dense", "axis", "in_kernel", "rank3"],
+)
+def test_projection_builds_no_branches(setup, branch):
+    """For every branch kind, ``init(project=True)`` has no γ collection and no branch
+    parameter; its tree is exactly the ACE model's with the branches removed, and every
+    message-passing layer of the ACE model has one γ per block (message, update)."""
+    _, _, (loc, vel, charges) = setup
+    model = SEGNN(hidden_irreps="8x0e+8x1o", num_layers=2, **branch)
+    shapes = {p: jax.eval_shape(lambda p=p: model.init(jax.random.PRNGKey(0), loc, vel, charges, project=p))
+              for p in (True, False)}
+    vanilla, full = shapes[True], shapes[False]
+    assert set(vanilla) == {"params"}
+    vanilla_names = set(named_leaves(vanilla["params"]))
+    assert not any("breaking" in name or "branch" in name for name in vanilla_names)
+    assert sorted(named_leaves(full[GAMMA])) == sorted(
+        f"layer_{i}/{b}_breaking/gamma" for i in range(2) for b in ("message", "update"))
+    branch_names = set(named_leaves(full["params"])) - vanilla_names
+    assert branch_names and all("breaking" in name or "branch" in name for name in branch_names)
+    stripped = _without_branches(full["params"])
+    assert jax.tree.structure(stripped) == jax.tree.structure(vanilla["params"])
+    assert jax.tree.map(np.shape, stripped) == jax.tree.map(np.shape, vanilla["params"])
 
 
 def test_node_permutation_equivariance(setup):

@@ -18,12 +18,13 @@ from models.segnn_qm9 import SEGNNQM9, element_one_hot, instance_norm_statistics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qm9_tiny.csv"
 SLOTS, BUDGET = 11, (256, 1024)
+KWARGS = dict(hidden_irreps="2x0e+1x1o+1x2e", hidden_scalars=4, num_layers=1, lmax_attr=2)
 
 
 @pytest.fixture(scope="module")
 def setup():
     molecules = parse_csv(FIXTURE)
-    model = SEGNNQM9(hidden_irreps="2x0e+1x1o+1x2e", hidden_scalars=4, num_layers=1, lmax_attr=2)
+    model = SEGNNQM9(**KWARGS)
 
     def batch_of(dataset, ids=None):
         ids = np.arange(len(dataset["num_atoms"])) if ids is None else np.asarray(ids)
@@ -117,11 +118,12 @@ def test_low_rank_branches_break_invariance_and_sum_at_node_level(setup):
         SEGNNQM9(**kwargs, branch_hidden=(4,)).init(jax.random.PRNGKey(0), batch)
 
 
-def test_padding_does_not_leak(setup):
+@pytest.mark.parametrize("project", [False, True])
+def test_padding_does_not_leak(setup, project):
     molecules, batch_of, variables, apply = setup
-    together = apply(variables, batch_of(molecules), project=False)
+    together = apply(variables, batch_of(molecules), project=project)
     for m in (3, 7):
-        alone = apply(variables, batch_of(molecules, [m]), project=False)
+        alone = apply(variables, batch_of(molecules, [m]), project=project)
         assert float(alone[0]) == pytest.approx(float(together[m]), rel=1e-4, abs=1e-5)
 
 
@@ -164,3 +166,102 @@ def test_fan_in_parameterization_rescales_each_weight_block_of_the_same_function
     np.testing.assert_allclose(apply("fan_in", scaled), apply("normal", flat["normal"]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="parameterization"):
         SteerableLayer("2x0e", parameterization="xavier").init(jax.random.PRNGKey(0), x, attr)
+
+
+def without_branches(tree):
+    """``tree`` without its ACE sub-trees (``*_branch`` parameters, ``*_breaking`` γ holders)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_branches(v) for k, v in tree.items() if "branch" not in k and "breaking" not in k}
+
+
+def test_zero_gamma_equals_the_projection(setup):
+    """γ = 0 with the branches evaluated gives the projection (the branches are not)."""
+    molecules, batch_of, variables, apply = setup
+    batch = batch_of(molecules)
+    projection = np.asarray(apply(variables, batch, project=True))
+    full_at_zero = np.asarray(apply(ace_jax.projected_variables(variables), batch, project=False))
+    np.testing.assert_allclose(full_at_zero, projection, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(np.asarray(apply(variables, batch, project=False)) - projection)) > 1e-3  # γ = 1 differs
+
+
+def test_projection_never_reads_branch_parameters_or_gamma(setup):
+    """NaN in every branch parameter and every γ leaves the projection bit-identical (and
+    finite), while the full model turns NaN: the projection does not evaluate the branches."""
+    molecules, batch_of, variables, apply = setup
+    params = ace_jax.named_leaves(variables["params"])
+    poisoned_names = [name for name in params if "branch" in name]
+    assert {name.split("/")[1] for name in poisoned_names} == {"message_branch", "update_branch"}
+    poison = lambda tree: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)  # noqa: E731
+    poisoned = {
+        "params": {name: ({k: (poison(v) if "branch" in k else v) for k, v in sub.items()}
+                          if name.startswith("layer_") else sub) for name, sub in variables["params"].items()},
+        "gamma": poison(variables["gamma"]),
+    }
+    assert sum(bool(jnp.all(jnp.isnan(x))) for x in ace_jax.named_leaves(poisoned["params"]).values()) == len(
+        poisoned_names)
+    batch = batch_of(molecules)
+    clean, dirty = np.asarray(apply(variables, batch, project=True)), np.asarray(apply(poisoned, batch, project=True))
+    assert np.all(np.isfinite(dirty))
+    np.testing.assert_array_equal(dirty, clean)
+    assert not np.all(np.isfinite(np.asarray(apply(poisoned, batch, project=False))))
+
+
+def test_vanilla_init_is_the_full_model_without_branches(setup):
+    """``init(project=True)`` creates neither γ nor branch parameters; its tree is the full
+    model's without the branches, and those parameters alone give the same projection."""
+    molecules, batch_of, variables, apply = setup
+    batch = batch_of(molecules)
+    vanilla = jax.eval_shape(lambda: SEGNNQM9(**KWARGS).init(jax.random.PRNGKey(0), batch, project=True))
+    assert set(vanilla) == {"params"}
+    assert not any("branch" in name or "breaking" in name for name in ace_jax.named_leaves(vanilla))
+    assert any("branch" in name for name in ace_jax.named_leaves(variables["params"]))
+    restricted = without_branches(variables["params"])
+    assert jax.tree.structure(restricted) == jax.tree.structure(vanilla["params"])
+    assert jax.tree.map(jnp.shape, restricted) == jax.tree.map(jnp.shape, vanilla["params"])
+    np.testing.assert_array_equal(apply({"params": restricted}, batch, project=True),
+                                  apply(variables, batch, project=True))
+
+
+def permuted_atoms(dataset, seed):
+    """A copy of the molecule set with the real atoms of every molecule in a random order."""
+    rng = np.random.default_rng(seed)
+    out = {k: np.array(v, copy=True) for k, v in dataset.items()}
+    for m, n in enumerate(dataset["num_atoms"]):
+        order = rng.permutation(n)
+        out["positions"][m, :n] = dataset["positions"][m, order]
+        out["atomic_numbers"][m, :n] = dataset["atomic_numbers"][m, order]
+    assert not np.array_equal(out["atomic_numbers"], dataset["atomic_numbers"])
+    return out
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_invariant_to_atom_permutations(setup, project):
+    """Sums over neighbours, per-node branches and mean pooling: both the projection and the
+    full model are invariant to the order of the atoms."""
+    molecules, batch_of, variables, apply = setup
+    original = np.asarray(apply(variables, batch_of(molecules), project=project))
+    permuted = np.asarray(apply(variables, batch_of(permuted_atoms(molecules, 4)), project=project))
+    np.testing.assert_allclose(permuted, original, rtol=1e-4, atol=1e-5 * np.max(np.abs(original)))
+
+
+def test_each_branch_alone_breaks_invariance(setup):
+    """One γ at a time (γ_init, the others 0): the message branch and the update branch each
+    break O(3) invariance by themselves; all γ = 0 restores it."""
+    molecules, batch_of, variables, apply = setup
+    rotation = np.asarray(ace_jax.random_rotation(jax.random.PRNGKey(8)), np.float64)
+    g = lambda x: (x * np.array([1.0, -1.0, 1.0])) @ rotation.T  # noqa: E731
+    base, other = batch_of(molecules), batch_of(moved(molecules, g))
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables["gamma"])[0]]
+    assert len(paths) == 2
+
+    def error(on):  # γ = γ_init at the leaf ``on``, 0 elsewhere
+        gamma = jax.tree_util.tree_map_with_path(lambda path, x: x if path == on else jnp.zeros_like(x),
+                                                 variables["gamma"])
+        v = {**variables, "gamma": gamma}
+        a, b = np.asarray(apply(v, base, project=False)), np.asarray(apply(v, other, project=False))
+        return np.max(np.abs(a - b)) / np.max(np.abs(a))
+
+    for path in paths:
+        assert error(path) > 1e-3, jax.tree_util.keystr(path)
+    assert error(None) <= 1e-4

@@ -326,3 +326,27 @@ def test_model_rejects_bad_inputs(model_and_variables):
         model.apply(variables, points[None], project=True)
     with pytest.raises(ValueError, match="at least k"):
         model.apply(variables, points[: K - 1], project=True)
+
+
+@pytest.mark.parametrize("kind", ["in_kernel", "axis", "dense"])
+def test_each_branch_alone_breaks_rotation_invariance(model_and_variables, kind):
+    """One γ at a time (γ_init = 1, the other 14 at 0): each of the 15 branches is wired to the
+    logits and breaks rotation invariance by itself; all γ = 0 restores it."""
+    model, variables, points, apply = model_and_variables
+    if kind != model.branch_kind:
+        model = VNDGCNN(num_classes=4, k=K, width=2, head_hidden=(8,), branch_kind=kind)
+        variables = init_variables(model, jax.random.PRNGKey(1), NUM_POINTS)
+        apply = jax.jit(model.apply, static_argnames="project")
+    rotated = rotate_points(points, _rotations(1, seed=21)[0])
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables[GAMMA])[0]]
+    assert len(paths) == 15
+
+    def error(on):  # γ as initialised at the leaf ``on``, 0 elsewhere
+        gamma = jax.tree_util.tree_map_with_path(lambda path, g: g if path == on else jnp.zeros_like(g),
+                                                 variables[GAMMA])
+        single = {**variables, GAMMA: gamma}
+        return _rel(apply(single, rotated, project=False), apply(single, points, project=False))
+
+    for path in paths:
+        assert error(path) > 1e-2, jax.tree_util.keystr(path)
+    assert error(None) <= 1e-4
