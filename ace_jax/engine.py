@@ -15,7 +15,10 @@ Read top to bottom, :func:`fit` does:
    :class:`NonFiniteError`; the checkpoint on disk is the last good one. ``resume=True``
    continues from it and gives the numbers of an uninterrupted run; a checkpoint written
    under other settings (seed, method, learning rates, batch size, …) is refused with an
-   error naming them, except a changed ``epochs`` where no schedule depends on it;
+   error naming them. A changed ``epochs`` is accepted only where the result is that of an
+   uninterrupted run of the new length (:func:`_check_fingerprint`): no schedule depends on
+   it, the checkpoint has not trained past it, and the two epoch counts agree on whether the
+   checkpoint's last epoch was evaluated;
 5. evaluate the selected variables on the test set, projection and full model.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from functools import partial
@@ -125,12 +129,11 @@ class TrainConfig:
             raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
         if self.eval_every < 1:
             raise ValueError("eval_every must be >= 1")
-        # written as "not x >= 0" so that NaN is refused too
-        for name in ("dual_proportional", "weight_decay", "slack_init"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        for name in ("dual_proportional", "weight_decay", "slack_init"):  # NaN and inf refused too
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be finite and > 0, got {self.grad_clip}")
 
 
 class FitResult(NamedTuple):
@@ -518,9 +521,10 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
     extended, or an interrupted run given a shorter total) and only when the result equals an
     uninterrupted run of the new length: nothing may depend on the total (no γ schedule, no
     learning-rate schedule, no custom optimizer, which may hold one), the checkpoint may not
-    have trained past the new total, and it may not hold a final evaluation that the new run's
-    schedule would not make (a finished run whose ``epochs`` is not a multiple of
-    ``eval_every`` evaluated its last epoch off that schedule, and that epoch may be selected).
+    have trained past the new total, and both totals must agree on whether the checkpoint's
+    last epoch is evaluated (a finished run whose ``epochs`` is not a multiple of
+    ``eval_every`` evaluated its last epoch off that schedule, and that epoch may be selected;
+    an interrupted run cut to end exactly where it stopped would need an evaluation it never made).
     """
     if saved is None:
         raise ValueError(f"cannot resume from {path}: it records no run settings (written by an older version); "
@@ -531,12 +535,21 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     schedule_free = not (current["lr_schedule"] or current["optimizer"] or current["gamma_schedule"])
     if differ == ["epochs"] and schedule_free:
-        off_schedule = trained == saved["epochs"] and trained % current["eval_every"] != 0
-        if off_schedule and trained < current["epochs"]:
+        # Epochs before the checkpoint's last one are evaluated alike under both totals; the last
+        # one (trained − 1) is evaluated on the eval_every schedule or as a run's final epoch.
+        every = current["eval_every"]
+        evaluated = trained % every == 0 or trained == saved["epochs"]
+        would_be = trained % every == 0 or trained == current["epochs"]
+        if evaluated and not would_be:
             raise ValueError(
                 f"cannot resume from {path}: its run ended at epoch {trained - 1} with an evaluation outside "
-                f"the eval_every={current['eval_every']} schedule, which an uninterrupted {current['epochs']}-epoch "
+                f"the eval_every={every} schedule, which an uninterrupted {current['epochs']}-epoch "
                 "run would not make (and which may be the selected epoch); use a new output directory or resume=False")
+        if would_be and not evaluated:
+            raise ValueError(
+                f"cannot resume from {path}: it stopped after epoch {trained - 1} without evaluating it, and "
+                f"epochs={current['epochs']} makes that the final epoch, which an uninterrupted run evaluates; "
+                "use a new output directory or resume=False")
         return
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)

@@ -31,9 +31,12 @@ class LagrangianAux(NamedTuple):
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     """Σ_n w_n v_n / Σ_n w_n for ``values (B,)`` and ``weights (B,)`` (w_n ≥ 0, not all 0).
 
-    Entries of zero weight (padding) are ignored, even where their value is NaN or inf.
-    ``weights`` of any other shape is refused (a (B, 1) or scalar weight would broadcast and
-    turn the mean into a sum)."""
+    Entries of zero weight (padding) are ignored in the value, even where it is NaN or inf.
+    Their gradient is not: reverse mode still multiplies 0 by the entry's own gradient, and
+    0 · NaN is NaN, so a zero-weight example must still have a finite loss and gradient (pad
+    with copies of real examples, as the engine's ``padded_batches`` does). ``weights`` of any
+    other shape is refused (a (B, 1) or scalar weight would broadcast and turn the mean into a
+    sum)."""
     if weights is None:
         return jnp.mean(values)
     if jnp.shape(weights) != jnp.shape(values):

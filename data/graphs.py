@@ -150,11 +150,17 @@ def _check_molecule_set(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         )
     if np.any(num_atoms < 1) or np.any(num_atoms > num_slots):
         raise ValueError(f"num_atoms must lie in [1, {num_slots}]")
-    real = np.arange(num_slots)[None, :] < num_atoms[:, None]  # (M, A): the atoms, not the padding
-    bad = np.flatnonzero(~np.all(np.isfinite(positions) | ~real[:, :, None], axis=(1, 2)))
-    if bad.size:  # a NaN distance compares False with the cutoff: the atom would silently lose its edges
-        raise ValueError(f"non-finite atom positions in molecule(s) {bad[:10].tolist()}")
     return positions, num_atoms, atomic_numbers
+
+
+def _check_finite_atoms(positions: np.ndarray, num_atoms: np.ndarray, molecule_ids=None) -> None:
+    """Refuse non-finite coordinates of real atoms (padding slots are not read): a NaN distance
+    compares False with the cutoff, so such an atom would silently lose its edges."""
+    ids = np.arange(len(num_atoms)) if molecule_ids is None else np.asarray(molecule_ids)
+    real = np.arange(positions.shape[1])[None, :] < num_atoms[ids][:, None]  # (B, A)
+    bad = ids[~np.all(np.isfinite(positions[ids]) | ~real[:, :, None], axis=(1, 2))]
+    if bad.size:
+        raise ValueError(f"non-finite atom positions in molecule(s) {bad[:10].tolist()}")
 
 
 def compute_neighbor_lists(
@@ -166,6 +172,7 @@ def compute_neighbor_lists(
     Local atom indices are stored as uint8 (QM9: ≤ 29 atoms) or wider when needed.
     """
     positions, num_atoms, _ = _check_molecule_set(dataset)
+    _check_finite_atoms(positions, num_atoms)
     cutoff, max_neighbors = _check_cutoff(cutoff, max_neighbors)
     num_molecules, num_slots = positions.shape[:2]
     index_dtype = np.min_scalar_type(max(num_slots - 1, 0))
@@ -286,6 +293,7 @@ def make_batch(
         raise ValueError(f"molecule ids must lie in [0, {positions.shape[0]})")
     if len(neighbor_lists.offsets) != positions.shape[0] + 1:
         raise ValueError("neighbor_lists were computed for another molecule set")
+    _check_finite_atoms(positions, num_atoms, ids)  # only this batch's molecules: O(B), not O(M)
 
     num_graphs = len(ids)
     graph_slots = batch_size + 1

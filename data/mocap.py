@@ -9,7 +9,9 @@ An ``.npz`` archive with
 * ``trial_NN``: one float array ``(F, J, 3)`` per trial, ``F`` frames of ``J`` joints in
   3-D. All trials share ``J``. The ``y`` axis (coordinate index 1) is vertical.
 * ``split_{train,val,test}_trial_NN``: 1-D integer array of start frames for trial
-  ``trial_NN`` in that split (the order in the file is used, only its head is taken).
+  ``trial_NN`` in that split (the order in the file is used, only its head is taken). Each
+  trial belongs to one split: a trial listed in two is refused (its frames would leak from
+  training into evaluation).
 
 The shipped file ``../shared/data/cmu_mocap_run.npz`` (relative to the repository root)
 is subject 09 "Run" (11 trials, 31 joints, 30 bones). Any other file of this layout,

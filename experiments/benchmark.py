@@ -156,10 +156,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="override every model's default batch")
     args = parser.parse_args(argv)
 
-    models = args.models.split(",") if args.models else list(MODELS)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(MODELS)
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if not models or len(set(models)) != len(models):
+        raise SystemExit(f"--models must name distinct models, got {args.models!r} (no repeated model)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise SystemExit(f"--methods must list distinct methods among {', '.join(METHODS)}, got {args.methods!r}")

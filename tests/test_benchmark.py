@@ -53,6 +53,7 @@ def test_unknown_model_is_rejected(tmp_path):
     (["--batch", "0"], "--batch must be >= 1"),
     (["--methods", ","], "--methods must list distinct methods"),
     (["--methods", "ace,ace"], "--methods must list distinct methods"),
+    (["--models", "c4_cnn,c4_cnn"], "repeated model"),
 ])
 def test_invalid_cli_values_are_refused(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

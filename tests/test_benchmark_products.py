@@ -38,3 +38,21 @@ def test_cli_writes_one_record_per_shape_with_both_timings(tmp_path):
 def test_cli_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="--width"):
         benchmark_products.main(["--out", str(tmp_path), "--width", "0"])
+
+
+def test_worker_pairs_alternate_their_order(tmp_path, monkeypatch):
+    order = []
+
+    def fake_worker(argv, one_cpu):
+        order.append(one_cpu)
+        ms = 2.0 if one_cpu else 1.0
+        return {"cpus": 2, "results": [{"rows": 8, "width": 4, "rank": None, "ms": ms + 0.1 * len(order)}]}
+
+    monkeypatch.setattr(benchmark_products, "_run_worker", fake_worker)
+    monkeypatch.setattr(benchmark_products.os, "sched_setaffinity", lambda *a: None, raising=False)
+    records = benchmark_products.main(["--out", str(tmp_path), "--rows", "8", "--width", "4", "--rank", "0",
+                                       "--repeats", "3"])
+    assert order == [True, False, False, True, True, False]  # one CPU first, then all CPUs first, ...
+    (record,) = records
+    assert record["ms_one_cpu_runs"] == [2.1, 2.4, 2.5] and record["ms_one_cpu"] == 2.4  # median per setting
+    assert record["ms_all_cpus_runs"] == [1.2, 1.3, 1.6] and record["ms_all_cpus"] == 1.3

@@ -129,7 +129,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert [r["epoch"] for r in fresh.history] == [0]
 
 
-def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_run(tmp_path):
+def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     data = _data(64)
     # a finished 4-epoch run is not a 2-epoch run: its history and selection reach past epoch 1
     aj.fit(_task(), data, data, data, "ace", _config(epochs=4, out_dir=str(tmp_path / "long")))
@@ -139,6 +139,24 @@ def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_r
     aj.fit(_task(), data, data, data, "ace", _config(epochs=3, eval_every=2, out_dir=str(tmp_path / "odd")))
     with pytest.raises(ValueError, match="outside the eval_every=2 schedule"):
         aj.fit(_task(), data, data, data, "ace", _config(epochs=5, eval_every=2, out_dir=str(tmp_path / "odd")))
+    # a 10-epoch run stopped after 3 epochs (no evaluation yet), resumed as a 3-epoch run: that
+    # run evaluates its final epoch 2, which the checkpoint never did
+    save, calls = aj.engine._save, []
+
+    def stop_after_three(*args):
+        save(*args)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(aj.engine, "_save", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        aj.fit(_task(), data, data, data, "ace", _config(epochs=10, eval_every=5, out_dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(aj.engine, "_save", save)
+    with pytest.raises(ValueError, match="without evaluating it"):
+        aj.fit(_task(), data, data, data, "ace", _config(epochs=3, eval_every=5, out_dir=str(tmp_path / "cut")))
+    resumed = aj.fit(_task(), data, data, data, "ace", _config(epochs=10, eval_every=5, out_dir=str(tmp_path / "cut")))
+    assert [r["epoch"] for r in resumed.history] == list(range(10))
     # 2 epochs with eval_every=2 extend to the numbers of an uninterrupted 4-epoch run
     aj.fit(_task(), data, data, data, "ace", _config(epochs=2, eval_every=2, out_dir=str(tmp_path / "even")))
     extended = aj.fit(_task(), data, data, data, "ace", _config(epochs=4, eval_every=2, out_dir=str(tmp_path / "even")))
@@ -150,10 +168,10 @@ def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_r
 
 def test_train_config_refuses_nan_and_negative_settings():
     for name in ("dual_proportional", "weight_decay", "slack_init"):
-        for bad in (float("nan"), -1.0):
-            with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        for bad in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(ValueError, match=f"{name} must be finite and >= 0"):
                 _config(**{name: bad})
-    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+    with pytest.raises(ValueError, match="grad_clip must be finite and > 0"):
         _config(grad_clip=float("nan"))
 
 
@@ -320,8 +338,9 @@ def test_methods_refuse_contradictory_settings_and_unused_options():
 
 def test_triangle_schedule_rises_to_one_and_returns_to_zero():
     assert [aj.triangle_schedule(e, 4) for e in range(4)] == [0.0, 0.5, 1.0, 0.5]
-    with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\)"):
-        aj.triangle_schedule(-3, 4)
+    for outside in (-3, 4):
+        with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\)"):
+            aj.triangle_schedule(outside, 4)
 
 
 def test_method_losses_follow_their_definitions():

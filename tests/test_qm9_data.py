@@ -336,9 +336,14 @@ def test_non_finite_atom_positions_are_refused_but_padding_is_not_read(tiny):
     n = int(broken["num_atoms"][5])
     broken["positions"][5, n:] = np.nan  # padding slots: never read
     compute_neighbor_lists(broken, 10.0)
+    lists = compute_neighbor_lists(broken, 10.0)
     broken["positions"][5, 0, 0] = np.nan  # a real atom: its edges would silently vanish
     with pytest.raises(ValueError, match=r"non-finite atom positions in molecule\(s\) \[5\]"):
         compute_neighbor_lists(broken, 10.0)
+    # a batch checks its own molecules only
+    make_batch(broken, lists, [0, 1], 2)
+    with pytest.raises(ValueError, match=r"non-finite atom positions in molecule\(s\) \[5\]"):
+        make_batch(broken, lists, [1, 5], 2)
 
 
 @pytest.mark.parametrize("cutoff, max_neighbors", [(2.0, None), (10.0, None), (2.0, 2)])
