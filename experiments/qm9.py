@@ -285,6 +285,9 @@ def build_model(model_name: str, settings: QM9Settings):
 
     SchNet: ``settings.features`` features and filters, ``settings.num_interactions`` blocks,
     50 Gaussians, cosine cutoff at ``settings.cutoff``, sum pooling, one ACE branch per block.
+    The radius graph has no neighbour cap: a QM9 molecule has at most 29 atoms, so the usual cap
+    of 32 neighbours could never bind (:func:`data.graphs.compute_neighbor_lists` takes
+    ``max_neighbors`` for other data).
     SEGNN: hidden irreps weight-balanced to ``settings.features`` scalars with l ≤ 2, attributes
     l ≤ 3, ``settings.num_interactions`` layers, instance norm, mean pooling, 2 ACE branches
     per layer.
