@@ -110,12 +110,14 @@ as a replication of the 6-seed result) were added later.
   vanilla 0.006584 (2053 s), ACE 0.006805 (+3.4 %, 2136 s). At this width ACE is not better
   over two seeds (means 0.006748 against 0.006821).
 - The same width on Cv (fixed in advance, session 21; ``--targets Cv``, otherwise the command
-  above, seeds 0 and 1, one core per run, both cores busy, 2698–3198 s per run): vanilla
-  0.10672 / 0.11121 cal/mol K, ACE projection 0.09982 / 0.10349 (−6.5 % / −6.9 %; full model
-  the same to 4 digits, final |γ| ≤ 2.1e-4; best epochs 23–24). Means 0.1090 ± 0.0032 against
-  **0.1017 ± 0.0026** (sample std). The wider model lowers both methods' Cv MAE by about a
-  fifth against the 32-wide one (0.1312 / 0.1284), and ACE's gain on Cv grows from 2.1 % to
-  6.7 %; two seeds only, both in the same direction.
+  above, seeds 0, 1 and 2 (seed 2 added to the plan before it ran), one core per run, both
+  cores busy, 2429–3198 s per run): vanilla 0.10672 / 0.11121 / 0.10472 cal/mol K, ACE
+  projection 0.09982 / 0.10349 / 0.10481 (−6.5 % / −6.9 % / +0.1 %; full model the same to 4
+  digits, final |γ| ≤ 2.2e-4; best epochs 23–24). Means 0.1075 ± 0.0033 against 0.1027 ±
+  0.0026 (sample std); paired −4.4 % (t = −1.96, 2 degrees of freedom, p = 0.19). The wider
+  model lowers both methods' Cv MAE by about a fifth against the 32-wide one (0.1312 /
+  0.1284); ACE is ahead on two seeds of three and level on the third, so at this width and
+  number of seeds its Cv gain is not established.
 - With κ = 100 and dual step 1e-3 instead (no decay, seed 0), γ swung by up to 0.86 either
   side of 0 for 12 epochs, and ZPVE ended at 0.01283, against vanilla's 0.01142.
 - Branches started small (``--branch-init-scale 0.01``; the EGNN default, where it stopped a
