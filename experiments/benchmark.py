@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from ace_jax import TrainConfig, make_trainer
-from experiments.common import markdown_table, write_json
+from experiments.common import markdown_table, parse_list, write_json
 
 # model name -> (study module, extra positional args to benchmark_case before batch, default
 # batch, keyword args of benchmark_case). "<model>_<kind>" rows time another branch kind.
@@ -156,15 +156,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="override every model's default batch")
     args = parser.parse_args(argv)
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(MODELS)
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    if not models or len(set(models)) != len(models):
-        raise SystemExit(f"--models must name distinct models, got {args.models!r} (no repeated model)")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
-        raise SystemExit(f"--methods must list distinct methods among {', '.join(METHODS)}, got {args.methods!r}")
+    models = parse_list(args.models, tuple(MODELS), "models")  # all models when not given
+    methods = parse_list(args.methods, METHODS, "methods")
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     if args.batch is not None and args.batch < 1:
