@@ -411,7 +411,7 @@ def fit(
             if ckpt_path is not None and history:
                 where = f"; the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {ckpt_path}"
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {bad} (epoch {epoch}) with method {method.name!r}: "
+                f"non-finite loss, gradient or updated state at step {bad} (epoch {epoch}) with method {method.name!r}: "
                 f"training stopped{where}. Lower the learning rate or check the data."
             )
         loss_arr = np.asarray(jax.device_get(losses), np.float64)

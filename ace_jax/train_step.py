@@ -6,8 +6,9 @@ All gradients are taken at the current point (simultaneous updates, Alg. 1/2):
     λ      ← dual_tx(∇_λ L = c(γ, u))              ascent, projected to λ ≥ 0 for inequalities
     u      ← slack_tx(∇_u L = α u − λ)             projected descent, u ≥ 0 (resilient only)
 
-A non-finite Lagrangian or gradient leaves the state unchanged and records the step in
-``first_bad_step`` so the host can stop the run with a clear message.
+A non-finite Lagrangian, gradient or updated state (parameters, γ, λ, u, optimizer states)
+leaves the state unchanged and records the step in ``first_bad_step`` so the host can stop
+the run with a clear message; a state that has stopped stays frozen.
 """
 
 from __future__ import annotations
@@ -136,7 +137,10 @@ def make_train_step(
             dual_state=dual_state,
             slack_state=slack_state,
         )
-        finite = _all_finite((value, grads))
+        # the updated state too: a finite gradient can still overflow a weight, an optimizer
+        # moment (Adam's ν = inf freezes a weight silently) or a multiplier
+        finite = _all_finite((value, grads, new.params, new.gamma, new.multipliers, new.slacks,
+                              new.opt_state, new.dual_state, new.slack_state))
         healthy = finite & (state.first_bad_step < 0)
         kept = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, state)
         kept = kept.replace(

@@ -160,7 +160,7 @@ def fit_seeds_vmapped(
         if np.any(bad >= 0):
             s = int(np.argmax(bad >= 0))
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {int(bad[s])} (epoch {epoch}) with method {method.name!r}, "
+                f"non-finite loss, gradient or updated state at step {int(bad[s])} (epoch {epoch}) with method {method.name!r}, "
                 f"seed {seeds[s]}: training stopped. Lower the learning rate or check the data."
             )
         loss_arr = np.asarray(jax.device_get(losses), np.float64)  # (steps, 2, S)

@@ -12,6 +12,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ace_jax as aj
@@ -258,6 +259,19 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert np.isfinite(w) and w <= 1.0
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert raw["epoch"] == log[-1]["epoch"] and 0 < len(log) < 50
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_overflowing_update_stops_the_run_although_the_gradient_is_finite(tmp_path, optimizer):
+    # loss ~ 1e20 (x ~ 1e10): the gradient is finite in float32, but SGD's step (lr 1e20) and Adam's
+    # second moment (g² ~ 1e40) overflow; such a step must stop the run, not be checkpointed
+    # (SGD) or freeze the weight silently with ν = inf (Adam)
+    data = {"x": np.full((64, 2), 1e10, np.float32), "y": np.zeros((64, 1), np.float32)}
+    tx = optax.sgd(1e20) if optimizer == "sgd" else optax.adam(1e-3)
+    cfg = _config(epochs=3, optimizer=tx, out_dir=str(tmp_path))
+    with pytest.raises(aj.NonFiniteError, match="updated state at step 0 "):
+        aj.fit(_task(), data, data, None, "vanilla", cfg)
+    assert not (tmp_path / "checkpoint.msgpack").exists()  # no epoch finished cleanly
 
 
 def test_bad_settings_raise_clear_errors():
