@@ -18,12 +18,27 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
+def _traced(value) -> bool:
+    """A hyperparameter traced by jit (e.g. under ``optax.inject_hyperparams``) has no value to check."""
+    return isinstance(value, jax.core.Tracer)
+
+
 def _check_learning_rate(name: str, learning_rate) -> None:
-    if not callable(learning_rate) and not (math.isfinite(float(learning_rate)) and float(learning_rate) > 0):
+    if callable(learning_rate) or _traced(learning_rate):  # a schedule or a traced value: not checkable here
+        return
+    if not (math.isfinite(float(learning_rate)) and float(learning_rate) > 0):
         raise ValueError(f"{name}: learning_rate must be finite and > 0, got {learning_rate}")
+
+
+def _as_mask(mask: Any) -> Any:
+    """A scalar bool-like (``True``, ``np.bool_``, a 0-d bool array) as a Python bool; a tree as is."""
+    if isinstance(mask, (bool, np.bool_)) or (isinstance(mask, (np.ndarray, jax.Array)) and mask.ndim == 0):
+        return bool(mask)
+    return mask
 
 
 class ProjectNonnegativeState(NamedTuple):
@@ -38,6 +53,8 @@ def project_nonnegative(mask: Any = True) -> optax.GradientTransformation:
     bools matching ``params`` (False leaves are left untouched, e.g. equality λ).
     Requires ``params`` in ``update``.
     """
+
+    mask = _as_mask(mask)
 
     def init_fn(params):
         del params
@@ -79,7 +96,7 @@ def proportional_term(gain: float) -> optax.GradientTransformation:
     loss is nearly flat in γ (a "PI" multiplier update, cf. Sohrabi et al., 2024).
     ``gain = 0`` is plain ascent.
     """
-    if not (math.isfinite(gain) and gain >= 0):
+    if not _traced(gain) and not (math.isfinite(gain) and gain >= 0):
         raise ValueError(f"proportional gain must be finite and >= 0, got {gain}")
 
     def init_fn(params):
@@ -116,11 +133,18 @@ def dual_ascent(
         state = tx.init(lam)
         upd, state = tx.update(constraint_values, state, lam)
         lam = optax.apply_updates(lam, upd)
+
+    A learning rate (and κ) changed during training through optax.inject_hyperparams
+    needs the mask static: ``optax.inject_hyperparams(dual_ascent,
+    static_args=("nonnegative",))(learning_rate=1e-3, nonnegative=True)``.
     """
     if optimizer is None and learning_rate is None:
         raise ValueError("dual_ascent: give a learning_rate or an optimizer")
-    parts = [proportional_term(proportional)] if proportional else []
+    # an array gain (optax.inject_hyperparams passes one, traced under jit) always gets the term,
+    # so init and update build the same chain; with gain 0 it passes c through unchanged
+    parts = [proportional_term(proportional)] if isinstance(proportional, jax.Array) or proportional else []
     parts.append(ascent(learning_rate, optimizer))
+    nonnegative = _as_mask(nonnegative)
     if nonnegative is not False:
         parts.append(project_nonnegative(nonnegative))
     return optax.chain(*parts)

@@ -7,9 +7,9 @@ Read top to bottom, :func:`fit` does:
    batches sharded over all local devices (``jax.sharding``), set γ by schedule if the
    method says so;
 3. every ``eval_every`` epochs evaluate the projection (γ = 0, branches not computed) and the
-   full model on the validation set, keep the best variables by the projection's metric
-   (or the full model's; a non-finite validation score is never selected), append a JSON
-   line with losses and every γ_i, λ_i, u_i;
+   full model on the validation set, keep the best variables by the metric of the model the
+   method deploys (``TrainConfig.select_on``, by default ``method.deployed``; a non-finite
+   validation score is never selected), append a JSON line with losses and every γ_i, λ_i, u_i;
 4. checkpoint after every finished epoch (atomic write), with the run's settings
    (:func:`run_fingerprint`). A non-finite Lagrangian or gradient stops the run with
    :class:`NonFiniteError`; the checkpoint on disk is the last good one. ``resume=True``
@@ -99,7 +99,7 @@ class TrainConfig:
     lr_schedule: Callable[[int], float] | None = None
     eval_every: int = 1
     eval_batch_size: int = 256
-    select_on: str = "projection"
+    select_on: str | None = None  # None: the model the method deploys, ``get_method(name).deployed``
     select_metric: str | None = None
     select_mode: str = "min"
     slack_init: float = 0.0
@@ -117,14 +117,21 @@ class TrainConfig:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         for name in ("learning_rate", "dual_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.slack_learning_rate is not None and not self.slack_learning_rate > 0:
-            raise ValueError(f"slack_learning_rate must be > 0, got {self.slack_learning_rate}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
+        if self.slack_learning_rate is not None and not (
+                math.isfinite(self.slack_learning_rate) and self.slack_learning_rate > 0):
+            raise ValueError(f"slack_learning_rate must be finite and > 0, got {self.slack_learning_rate}")
+        if self.optimizer is not None:  # it replaces the default Adam and everything built around it
+            ignored = [name for name, unset in (("weight_decay", self.weight_decay == 0), ("grad_clip", self.grad_clip is None),
+                                                 ("lr_schedule", self.lr_schedule is None)) if not unset]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} would be ignored: a custom optimizer replaces the default "
+                                 "Adam with its weight decay, clipping and schedule; build them into the optimizer")
         if self.dual_optimizer not in ("ascent", "adam"):
             raise ValueError(f"dual_optimizer must be 'ascent' or 'adam', got {self.dual_optimizer!r}")
-        if self.select_on not in ("projection", "full"):
-            raise ValueError(f"select_on must be 'projection' or 'full', got {self.select_on!r}")
+        if self.select_on not in (None, "projection", "full"):
+            raise ValueError(f"select_on must be None, 'projection' or 'full', got {self.select_on!r}")
         if self.select_mode not in ("min", "max"):
             raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
         if self.eval_every < 1:
@@ -147,6 +154,38 @@ class FitResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays made plain Python and NaN/±inf replaced by ``None``
+    (strict JSON has no NaN or Infinity)."""
+    if isinstance(obj, Mapping):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def log_line(record: Mapping) -> str:
+    """One ``log.jsonl`` line: strict JSON, a NaN or ±inf metric written as ``null``.
+
+    (Python's ``json`` would write the tokens ``NaN``/``Infinity``, which other JSON readers
+    reject.) The checkpoint keeps the exact values; only the log is lossy here.
+    """
+    return json.dumps(strict_json(record), allow_nan=False) + "\n"
+
+
+def with_selection(config: TrainConfig, method: Method) -> TrainConfig:
+    """``config`` with ``select_on`` resolved: None selects on the model ``method`` deploys
+    (the projection for vanilla/ace/scheduled, the full model for the others)."""
+    return config if config.select_on is not None else dataclasses.replace(config, select_on=method.deployed)
 
 
 def check_split(name: str, data: Dataset) -> int:
@@ -223,6 +262,15 @@ def _scalars(tree) -> dict:
 # --------------------------------------------------------------------------- evaluation
 
 
+def weighted_metric_sums(metric: Callable, variables, batch, weights: jax.Array, project: bool) -> dict:
+    """``{name: Σ_n w_n m_n}`` of the per-example metric over one padded batch ``(B, …)``.
+
+    Padding (weight 0) never enters a sum, even where its value is not finite.
+    """
+    values = jax.vmap(lambda ex: _as_metric_dict(metric(variables, ex, project)))(batch)
+    return {k: jnp.sum(jnp.where(weights > 0, v * weights, 0.0)) for k, v in values.items()}
+
+
 def make_evaluator(task: Task, batch_size: int, sharding=None):
     """``evaluate(variables, data, project) -> {metric: mean}`` over a whole split.
 
@@ -231,11 +279,7 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
     """
     metric = task.metric or (lambda v, ex, project: task.loss(v, ex, jax.random.PRNGKey(0), project))
 
-    @partial(jax.jit, static_argnums=(3,))
-    def batch_sums(variables, batch, weights, project):
-        values = jax.vmap(lambda ex: _as_metric_dict(metric(variables, ex, project)))(batch)
-        # padding (weight 0) never enters a sum, even where its value is not finite
-        return {k: jnp.sum(jnp.where(weights > 0, v * weights, 0.0)) for k, v in values.items()}
+    batch_sums = jax.jit(partial(weighted_metric_sums, metric), static_argnums=(3,))
 
     def evaluate(variables, data: Dataset, project: bool) -> dict:
         n = check_split("eval", data)
@@ -295,8 +339,10 @@ def build_step(task: Task, method: Method | str, config: TrainConfig):
         state = init_train_state(
             variables, primal_tx, dual_tx, slack_tx, formulation, method.learn_gamma, config.slack_init
         )
-        if formulation is not None and not jax.tree.leaves(state.gamma):
-            raise ValueError(f"method {method.name!r} constrains γ but the model has no 'gamma' variables")
+        if method.has_branches and not jax.tree.leaves(state.gamma):  # else it would silently train a vanilla model
+            what = "constrains" if formulation is not None else ("schedules" if method.gamma_schedule else "trains")
+            raise ValueError(f"method {method.name!r} {what} γ but the model has no 'gamma' variables "
+                             "(does task.init build the branches when has_branches is True?)")
         return state
 
     regularizer = None
@@ -338,6 +384,7 @@ def fit(
     """Train ``task`` with ``method`` (a :class:`Method` or its name); see the module doc."""
     t_start = time.perf_counter()
     method = get_method(method) if isinstance(method, str) else method
+    config = with_selection(config, method)
     n_train = check_split("train", train)
     check_split("val", val)
     if test is not None:
@@ -385,7 +432,7 @@ def fit(
         ckpt_path, log_path = out_dir / "checkpoint.msgpack", out_dir / "log.jsonl"
         if config.resume and ckpt_path.exists():
             state, best, start_epoch, history = _restore(ckpt_path, state, best, fingerprint)
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            log_path.write_text("".join(log_line(r) for r in history))
         elif log_path.exists():
             log_path.unlink()
     state = jax.device_put(state, replicated)
@@ -438,7 +485,7 @@ def fit(
         history.append(record)
         if out_dir is not None:
             with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(log_line(record))
             _save(ckpt_path, state, best, epoch, history, fingerprint)
 
     if best["score"] is None and history:

@@ -14,6 +14,7 @@ so the projection costs exactly what the equivariant model costs, and initialisi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
@@ -65,8 +66,10 @@ class Homotopic(nn.Module):
     """``f(x) = equivariant(x) + γ · branch(x)``, the homotopic wrapper of one layer.
 
     Attributes:
-      equivariant: the G-equivariant module f_eq.
-      branch: the breaking module g; it must map x to the shape of ``equivariant(x)``.
+      equivariant: the G-equivariant module f_eq; its output may be an array or any pytree
+        (e.g. a tuple of scalar and vector features).
+      branch: the breaking module g; it must map x to a pytree of the same structure and leaf
+        shapes as ``equivariant(x)``; the two are added leaf by leaf.
       gamma_init: initial γ.
 
     Call with ``project=True`` for the equivariant projection (branch not evaluated).
@@ -82,12 +85,13 @@ class Homotopic(nn.Module):
         if project:
             return y
         correction = SymmetryBreaking(self.branch, self.gamma_init, name="breaking")(x)
-        if jnp.shape(correction) != jnp.shape(y):
+        shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+        if jax.tree.structure(correction) != jax.tree.structure(y) or shapes(correction) != shapes(y):
             raise ValueError(
-                f"Homotopic: branch output shape {jnp.shape(correction)} does not match the "
-                f"equivariant output shape {jnp.shape(y)}"
+                f"Homotopic: branch output {shapes(correction)} does not match the equivariant "
+                f"output {shapes(y)} (same pytree structure and leaf shapes needed)"
             )
-        return y + correction
+        return jax.tree.map(jnp.add, y, correction)
 
 
 def spectral_norm(kernel: jax.Array, num_iterations: int = 10) -> jax.Array:
@@ -176,14 +180,15 @@ class SpectralDense(nn.Module):
     num_iterations: int = 10
     kernel_init: Callable = nn.initializers.lecun_normal()
     bound: bool = False
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, scale=None):
         """``x`` (..., d_in) → (..., features); ``scale`` (a scalar) multiplies the output,
         applied to the normalised kernel and the bias rather than to the output rows."""
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         kernel = spectral_normalize(kernel, self.num_iterations, bound=self.bound)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         return _affine(x, kernel, bias, scale)
 
 
@@ -195,11 +200,12 @@ class ScaledDense(nn.Module):
     features: int
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, scale=None):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         return _affine(x, kernel, bias, scale)
 
 
@@ -222,8 +228,8 @@ def branch_output_init(scale: float) -> Callable:
     two axes, ``(*blocks, fan_in, fan_out)``, fan_in counts the leading axes too (JAX's
     ``variance_scaling`` reads them as a receptive field): variance ``scale / (blocks·fan_in)``.
     """
-    if not scale >= 0.0:
-        raise ValueError(f"branch_init_scale must be >= 0, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"branch_init_scale must be finite and >= 0, got {scale}")
     if scale == 0.0:
         return nn.initializers.zeros
     return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
@@ -327,6 +333,7 @@ class AxisMixBranch(nn.Module):
     component_axis: int = -1
     normalize: bool = True
     epsilon: float = 1e-12
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -335,7 +342,7 @@ class AxisMixBranch(nn.Module):
                              f"got shape {x.shape} and component_axis {self.component_axis}")
         m = x.shape[self.component_axis]
         channels = x.shape[-2] if self.component_axis == -1 else x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (m, m * channels))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (m, m * channels), self.param_dtype)
         a = kernel.reshape(m, channels, m)  # a[i, c, j] = A_c[i, j]
         if self.normalize:
             a = a * jax.lax.rsqrt(jnp.sum(a * a, axis=(0, 2), keepdims=True) + self.epsilon)
@@ -380,6 +387,7 @@ class WeightBranch(nn.Module):
     spectral: bool = True
     use_bias: bool = False
     kernel_init: Callable | None = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self):
@@ -387,12 +395,12 @@ class WeightBranch(nn.Module):
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"WeightBranch shape must be (*blocks, fan_in, fan_out) with positive sizes, got {shape}")
         init = nn.initializers.lecun_normal() if self.kernel_init is None else self.kernel_init
-        kernel = self.param("kernel", init, shape)
+        kernel = self.param("kernel", init, shape, self.param_dtype)
         if self.spectral:
             kernel = spectral_normalize(kernel, bound=self.kernel_init is not None)
         if not self.use_bias:
             return kernel
-        return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:])
+        return kernel, self.param("bias", nn.initializers.zeros, shape[:-2] + shape[-1:], self.param_dtype)
 
 
 def weight_breaking(
@@ -436,7 +444,8 @@ def projected_variables(variables: Mapping[str, Any]) -> dict:
 
 
 def named_leaves(tree: Any) -> dict[str, jax.Array]:
-    """Flatten a pytree into ``{"a/b/gamma": leaf}`` with slash-joined key paths."""
+    """Flatten a pytree into ``{"a/b/gamma": leaf}`` with slash-joined key paths (two paths
+    that join to the same name, e.g. ``{"a/b": x, "a": {"b": y}}``, are an error)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     names = {}
     for path, leaf in flat:
@@ -450,5 +459,8 @@ def named_leaves(tree: Any) -> dict[str, jax.Array]:
                 parts.append(str(key.idx))
             else:
                 parts.append(str(key))
-        names["/".join(parts)] = leaf
+        name = "/".join(parts)
+        if name in names:
+            raise ValueError(f"named_leaves: two leaves are both named {name!r} (a key containing '/'?)")
+        names[name] = leaf
     return names

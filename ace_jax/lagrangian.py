@@ -8,7 +8,7 @@ c is given by the formulation (γ for equality, |γ| − ε, |γ| − u). With n
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,8 @@ class LagrangianAux(NamedTuple):
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     """Σ_n w_n v_n / Σ_n w_n for ``values (B,)`` and ``weights (B,)`` (w_n ≥ 0, not all 0).
 
-    Entries of zero weight (padding) are ignored in the value, even where it is NaN or inf.
+    Entries of zero weight (padding) are ignored in the value, even where it is NaN or inf;
+    a negative weight (not checkable under jit; ``fit`` refuses one) counts as 0 in both sums.
     Their gradient is not: reverse mode still multiplies 0 by the entry's own gradient, and
     0 · NaN is NaN, so a zero-weight example must still have a finite loss and gradient (pad
     with copies of real examples, as the engine's ``padded_batches`` does). ``weights`` of any
@@ -42,8 +43,9 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     if jnp.shape(weights) != jnp.shape(values):
         raise ValueError(f"example weights must have shape {jnp.shape(values)} (one per example), "
                          f"got {jnp.shape(weights)}")
-    kept = jnp.where(weights > 0, values * weights, jnp.zeros_like(values))
-    return jnp.sum(kept) / jnp.maximum(jnp.sum(weights), 1e-12)
+    used = weights > 0
+    kept = jnp.where(used, values * weights, jnp.zeros_like(values))
+    return jnp.sum(kept) / jnp.maximum(jnp.sum(jnp.where(used, weights, 0.0)), 1e-12)
 
 
 def make_lagrangian(
@@ -56,8 +58,8 @@ def make_lagrangian(
 
     Args:
       per_example_loss: ℓ for a single example; vmapped here over the leading batch axis
-        of every leaf of ``batch`` (a key ``"weight"`` (B,), if present, weights examples
-        and is not passed to the loss).
+        of every leaf of ``batch`` (any pytree; in a dict batch a key ``"weight"`` (B,), if
+        present, weights examples and is not passed to the loss).
       formulation: :class:`Equality`, :class:`Inequality`, :class:`Resilient` or None.
       regularizer: optional ``r(variables, batch, rng) -> scalar`` added to L (used by
         the scheduled-relaxation baseline's penalty).
@@ -70,8 +72,10 @@ def make_lagrangian(
         variables = {"params": params, **(extra or {})}
         if gamma is not None and jax.tree.leaves(gamma):
             variables[GAMMA] = gamma
-        batch = dict(batch)
-        weights = batch.pop("weight", None)
+        weights = None
+        if isinstance(batch, Mapping):
+            batch = dict(batch)
+            weights = batch.pop("weight", None)
         size = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(rng, size + 1)
         losses = jax.vmap(per_example_loss, in_axes=(None, 0, 0))(variables, batch, keys[1:])

@@ -102,7 +102,11 @@ def make_train_step(
     """``step(state, batch, rng) -> (state, metrics)`` — jit it (the engine does).
 
     ``lagrangian`` comes from :func:`ace_jax.lagrangian.make_lagrangian`. ``metrics`` holds
-    the task loss, the Lagrangian value and a finiteness flag.
+    the task loss, the Lagrangian value, ``finite`` (this step's loss, gradient and update
+    were finite) and ``applied`` (its update was applied). The first non-finite step sets
+    ``state.first_bad_step`` and freezes the state: every later step is a no-op
+    (``applied`` False) until the caller stops or restarts from a good state — a loop of
+    one's own should check ``first_bad_step`` (or ``applied``), as :func:`ace_jax.fit` does.
     """
 
     def step(state: TrainState, batch, rng):
@@ -147,7 +151,7 @@ def make_train_step(
             step=state.step + 1,
             first_bad_step=jnp.where(healthy | (state.first_bad_step >= 0), state.first_bad_step, state.step),
         )
-        metrics = {"loss": aux.loss, "lagrangian": aux.lagrangian, "finite": finite}
+        metrics = {"loss": aux.loss, "lagrangian": aux.lagrangian, "finite": finite, "applied": healthy}
         return kept, metrics
 
     return step

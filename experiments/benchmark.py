@@ -115,8 +115,9 @@ def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int 
             run["state"], run["metrics"] = state, metrics
     out = {}
     for method, run in runs.items():
-        if not bool(run["metrics"]["finite"]):
-            raise FloatingPointError(f"{method}: the benchmarked step produced non-finite values")
+        if int(run["state"].first_bad_step) >= 0:  # any step, warm-up included (the state froze there)
+            raise FloatingPointError(f"{method}: the benchmarked step produced non-finite values at step "
+                                     f"{int(run['state'].first_bad_step)}")
         times_ms = 1e3 * np.asarray(run["times"])
         out[method] = {
             "params": param_count(run["state"].params),

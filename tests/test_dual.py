@@ -131,3 +131,39 @@ def test_dual_and_formulation_settings_refuse_nan():
     variables = {"params": {"w": jnp.ones(2)}, "gamma": {"g": jnp.zeros(())}}
     with pytest.raises(ValueError, match="slack_init must be finite and >= 0"):
         aj.init_train_state(variables, optax.sgd(0.1), aj.dual_ascent(0.1), optax.sgd(0.1), aj.Resilient(), True, slack_init=-3.0)
+
+
+@pytest.mark.parametrize("proportional", [0.0, 0.5])
+def test_dual_ascent_and_slack_descent_work_under_inject_hyperparams(proportional):
+    # a learning rate set during training (optax.inject_hyperparams) reaches the transforms traced
+    # under jit; the result equals the transform built with the same numbers, and changing the
+    # injected rate changes the step
+    lam = {"a": jnp.array(0.1), "b": jnp.array(0.2)}
+    c = {"a": jnp.array(-1.0), "b": jnp.array(1.0)}
+    ref = dual_ascent(0.1, nonnegative=True, proportional=proportional)
+    tx = optax.inject_hyperparams(dual_ascent, static_args=("nonnegative",))(
+        learning_rate=0.1, nonnegative=True, proportional=proportional)
+    update = jax.jit(tx.update)
+    lam_ref, lam_inj, s_ref, s_inj = lam, lam, ref.init(lam), tx.init(lam)
+    for _ in range(3):
+        u, s_ref = ref.update(c, s_ref, lam_ref)
+        lam_ref = optax.apply_updates(lam_ref, u)
+        u, s_inj = update(c, s_inj, lam_inj)
+        lam_inj = optax.apply_updates(lam_inj, u)
+    for k in lam:
+        np.testing.assert_allclose(lam_inj[k], lam_ref[k], rtol=1e-6)
+    s_inj.hyperparams["learning_rate"] = jnp.asarray(0.2)
+    u, _ = update(c, s_inj, lam_inj)
+    assert float(u["b"]) == pytest.approx(0.2, rel=1e-6)  # η c_b; c is unchanged, so the P part is 0
+    slack = optax.inject_hyperparams(slack_descent)(learning_rate=0.1)
+    u, _ = jax.jit(slack.update)(c, slack.init(lam), lam)
+    np.testing.assert_allclose([u["a"], u["b"]], [0.1, -0.1], rtol=1e-6)  # [u − η c]_+ − u
+
+
+def test_scalar_bool_like_masks_are_accepted():
+    lam = {"a": jnp.array(0.1), "b": jnp.array(0.2)}
+    c = {"a": jnp.array(-1.0), "b": jnp.array(1.0)}
+    for mask, a in ((np.bool_(True), 0.0), (jnp.asarray(True), 0.0), (np.bool_(False), -0.4)):
+        tx = dual_ascent(0.5, nonnegative=mask)
+        u, _ = tx.update(c, tx.init(lam), lam)
+        assert float(optax.apply_updates(lam, u)["a"]) == pytest.approx(a, abs=1e-7)

@@ -284,6 +284,13 @@ def test_bad_settings_raise_clear_errors():
         aj.fit(_task(), data, data, data, "aec", _config())
     with pytest.raises(ValueError, match="dual_optimizer"):
         _config(dual_optimizer="sgd")
+    for name in ("learning_rate", "dual_learning_rate", "slack_learning_rate"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            _config(**{name: float("inf")})
+    # a custom optimizer replaces the default Adam: settings only that Adam reads are refused, not ignored
+    for name, value in (("weight_decay", 1e-4), ("grad_clip", 1.0), ("lr_schedule", lambda step: 1e-3)):
+        with pytest.raises(ValueError, match=f"{name} would be ignored"):
+            _config(optimizer=optax.sgd(0.1), **{name: value})
     with pytest.raises(ValueError, match="exceeds"):
         aj.fit(_task(), data, data, data, "ace", _config(batch_size=128 * 4))
     bad = {"x": data["x"], "y": data["y"][:10]}
@@ -395,3 +402,44 @@ def test_scheduled_sets_gamma_by_the_triangle_and_adds_the_weighted_regularizer(
     assert [r["gamma"]["breaking/gamma"] for r in res.history] == [0.0, 0.5, 1.0, 0.5]
     for r in res.history:  # L = loss + 0.5 · 3
         assert r["train_lagrangian"] - r["train_loss"] == pytest.approx(1.5, abs=1e-5)
+
+
+def test_default_selection_reads_the_model_the_method_deploys():
+    # ace-resilient deploys the full model, ace the projection. A metric that ranks the epochs in
+    # opposite orders for the two models (−MSE for the projection) makes reading the wrong one show.
+    import dataclasses
+
+    base = _task()
+    mse = lambda v, ex, project: base.loss(v, ex, None, project)  # noqa: E731
+    task = dataclasses.replace(base, metric=lambda v, ex, project: -mse(v, ex, project) if project else mse(v, ex, project))
+    data = _data()
+    for name in ("ace-resilient", "ace"):
+        res = aj.fit(task, data, data, None, name, _config(epochs=5))
+        on = aj.get_method(name).deployed
+        scores = [r["val"][on]["metric"] for r in res.history]
+        other = [r["val"]["full" if on == "projection" else "projection"]["metric"] for r in res.history]
+        assert np.argmin(scores) != np.argmin(other)
+        assert res.best_epoch == int(np.argmin(scores)), name
+    explicit = aj.fit(task, data, data, None, "ace-resilient", _config(epochs=5, select_on="projection"))
+    assert explicit.best_epoch == int(np.argmin([r["val"]["projection"]["metric"] for r in explicit.history]))
+
+
+def test_a_branch_method_on_a_model_without_gamma_is_a_clear_error():
+    # a task.init that ignores has_branches builds no γ: every method with branches would silently
+    # train the vanilla model, so each is refused with the reason
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x, project=False):
+            return nn.Dense(1, use_bias=False)(x)
+
+    model = Plain()
+    base = _task()
+    task = aj.Task(init=lambda k, has_branches: model.init(k, np.zeros(2, np.float32)),
+                   loss=lambda v, ex, r, p: jnp.mean((model.apply(v, ex["x"]) - ex["y"]) ** 2),
+                   transform=base.transform, regularizer=lambda v, b, r: jnp.zeros(()))
+    data = _data(64)
+    for name, what in (("ace", "constrains"), ("ace-resilient", "constrains"), ("scheduled", "schedules"),
+                       ("unconstrained", "trains"), ("penalty", "trains")):
+        with pytest.raises(ValueError, match=f"'{name}' {what} γ but the model has no 'gamma'"):
+            aj.fit(task, data, data, None, name, _config(epochs=1))
+    assert aj.fit(task, data, data, None, "vanilla", _config(epochs=1)).best_epoch == 0

@@ -74,8 +74,27 @@ def test_projection_is_equivariant_and_gamma_breaks_it():
 
 def test_shape_mismatch_is_a_clear_error():
     layer = Homotopic(Odd(), MLPBranch(2))
-    with pytest.raises(ValueError, match="branch output shape"):
+    with pytest.raises(ValueError, match="branch output .* does not match"):
         layer.init(jax.random.PRNGKey(0), jnp.ones(4))
+
+
+def test_homotopic_adds_pytree_outputs_leaf_by_leaf():
+    # scalar and vector features as a tuple: f = f_eq + γ g per leaf (a tuple "+" would concatenate)
+    class Pair(nn.Module):
+        scale: float
+
+        @nn.compact
+        def __call__(self, x):
+            return (self.scale * x, jnp.stack([x, -x], axis=-1) * self.scale)
+
+    layer = Homotopic(Pair(1.0), Pair(3.0), gamma_init=0.5)
+    x = jnp.array([1.0, 2.0])
+    out = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+    assert isinstance(out, tuple) and len(out) == 2
+    np.testing.assert_allclose(out[0], 2.5 * x)  # 1·x + 0.5·3·x
+    np.testing.assert_allclose(out[1], 2.5 * np.stack([x, -x], axis=-1))
+    with pytest.raises(ValueError, match="same pytree structure"):
+        Homotopic(Pair(1.0), MLPBranch(2)).init(jax.random.PRNGKey(0), x)
 
 
 def test_symmetry_breaking_scales_pytree_outputs():
@@ -334,3 +353,29 @@ def test_mlp_branch_output_init_sets_only_the_last_kernel():
     # The branch can still learn: its last kernel gets a non-zero gradient.
     grad = jax.grad(lambda p: jnp.sum(zero_out.apply({"params": p}, x) * x[:, :3]))(p_zero)
     assert float(jnp.max(jnp.abs(grad["Dense_1"]["kernel"]))) > 0.0
+
+
+def test_named_leaves_refuses_colliding_names():
+    assert named_leaves({"a": {"b": 1.0}, "c": [2.0, 3.0]}) == {"a/b": 1.0, "c/0": 2.0, "c/1": 3.0}
+    with pytest.raises(ValueError, match="both named 'a/b'"):
+        named_leaves({"a/b": 1.0, "a": {"b": 2.0}})
+
+
+def test_branch_output_init_refuses_non_finite_scales():
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            branch_output_init(bad)
+
+
+def test_parameters_and_gamma_are_float32_like_flax_layers_under_x64():
+    # nn.Dense keeps float32 parameters when x64 is on; the branch layers and γ do the same
+    # (before, branch kernels followed the x64 default and came out float64 beside float32 ones)
+    with jax.enable_x64(True):
+        assert jnp.ones(1).dtype == jnp.float64
+        x = jnp.ones((2, 3))
+        for branch in (MLPBranch(4, hidden=(3,)), MLPBranch(4, hidden=(3,), spectral=True)):
+            v = Homotopic(nn.Dense(4), branch).init(jax.random.PRNGKey(0), x)
+            assert {str(leaf.dtype) for leaf in named_leaves(v).values()} == {"float32"}
+        assert WeightBranch((3, 2, 2), use_bias=True).init(jax.random.PRNGKey(0))["params"]["kernel"].dtype == jnp.float32
+        assert SpectralDense(2).init(jax.random.PRNGKey(0), x)["params"]["kernel"].dtype == jnp.float32
+        assert ScaledDense(2).init(jax.random.PRNGKey(0), x)["params"]["kernel"].dtype == jnp.float32

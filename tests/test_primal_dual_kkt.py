@@ -95,3 +95,14 @@ def test_example_weights_give_a_weighted_mean_and_ignore_padding():
     np.testing.assert_allclose(aux.loss, (1.0 + 2.0 + 6.0) / 4.0)  # the NaN has weight 0
     with pytest.raises(ValueError, match=r"weights must have shape \(4,\)"):
         lagr({}, None, None, None, {"y": y, "weight": jnp.ones((4, 1))}, key)
+    # a negative weight (fit refuses one; a jitted call cannot) counts as 0 in both sums
+    _, aux = lagr({}, None, None, None, {"y": y, "weight": jnp.array([1.0, -1.0, 2.0, 0.0])}, key)
+    np.testing.assert_allclose(aux.loss, (1.0 + 6.0) / 3.0)
+
+
+def test_batch_may_be_any_pytree():
+    # a tuple batch (x, y): every leaf is vmapped over its leading axis; no "weight" key to read
+    lagr = make_lagrangian(lambda v, ex, rng: (v["params"]["w"] * ex[0] - ex[1]) ** 2, None)
+    x = jnp.arange(5.0)
+    value, aux = lagr({"w": jnp.asarray(1.0)}, None, None, None, (x, 2.0 * x), jax.random.PRNGKey(0))
+    np.testing.assert_allclose(value, np.mean(np.arange(5.0) ** 2))
