@@ -68,7 +68,7 @@ import numpy as np
 
 from ace_jax import FitResult, Task, TrainConfig, c4_act, equivariance_error, fit, gammas, get_method, named_leaves
 from data.c4_toy import TASKS, c4_floor_mse, make_c4_toy
-from experiments.common import markdown_table, parse_list, write_json
+from experiments.common import markdown_table, parse_list, preset_run_settings, write_json
 from models.c4_cnn import C4CNN
 
 matplotlib.use("Agg")
@@ -210,7 +210,7 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         slack_init=preset.slack_init,
         seed=seed,
         progress=progress,
-        resume=False,
+        run_settings=preset_run_settings(preset, task=task_name),  # rerunning into out_dir resumes
     )
     run_dir = out_dir / "runs" / f"{task_name}_seed{seed}"
     baseline = fit(

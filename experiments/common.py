@@ -3,16 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from ace_jax.engine import FitResult, NonFiniteError, strict_json
 
 SEGNN_PARAMETERIZATIONS = ("fan_in", "normal")
 """``models.segnn.PARAMETERIZATIONS`` (default first) for the studies' ``--parameterization``
 options, kept here so that runs of other models never import e3nn-jax."""
+
+
+class Diverged(NamedTuple):
+    """A run that stopped on a non-finite loss, gradient or update (:class:`ace_jax.NonFiniteError`).
+
+    A study records it and goes on with its other runs (one diverged seed of a multi-hour study
+    should not lose the rest): the run's metrics enter :func:`summarize` as NaN, so the
+    method's mean and std are written as null rather than as a mean over the surviving seeds;
+    its entry lists ``"diverged": [{"seed", "error"}]`` and the script exits with status 1. The
+    run's folder keeps its last good checkpoint and log.
+    """
+
+    seed: int
+    error: str
+
+
+def fit_seed(fit_call: Callable[[], FitResult], seed: int) -> FitResult | Diverged:
+    """``fit_call()``, or :class:`Diverged` (announced on stdout) if it raises NonFiniteError."""
+    try:
+        return fit_call()
+    except NonFiniteError as err:
+        print(f"seed {seed} diverged: {err}", flush=True)
+        return Diverged(int(seed), str(err))
+
+
+def diverged_list(results: Sequence[Any]) -> list[dict]:
+    """``[{"seed", "error"}]`` of the :class:`Diverged` entries of ``results``."""
+    return [{"seed": r.seed, "error": r.error} for r in results if isinstance(r, Diverged)]
+
+
+def exit_status(results: Any) -> int:
+    """1 if a ``"diverged"`` list anywhere in a study's results is non-empty, else 0."""
+    if isinstance(results, Mapping):
+        return max([1 if k == "diverged" and v else exit_status(v) for k, v in results.items()], default=0)
+    if isinstance(results, (list, tuple)):
+        return max([exit_status(v) for v in results], default=0)
+    return 0
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -25,6 +64,15 @@ def summarize(values: Sequence[float]) -> dict:
         raise ValueError("summarize: no values")
     std = float(arr.std(ddof=1)) if arr.size > 1 else (0.0 if np.all(np.isfinite(arr)) else float("nan"))
     return {"mean": float(arr.mean()), "std": std}
+
+
+def preset_run_settings(preset: Any, **extra: Any) -> dict:
+    """A study's preset dataclass as ``TrainConfig.run_settings`` (what else a checkpoint
+    depends on): every field except the seed count and method list, which do not shape one
+    run, plus ``extra`` (the data source, the task, …). Rerunning a study into the same folder
+    then resumes its finished runs and refuses a checkpoint trained under another preset."""
+    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "methods")}
+    return {**fields, **extra}
 
 
 def parse_list(text: str | None, known: Sequence[str], what: str) -> list[str]:
@@ -69,26 +117,11 @@ def add_study_args(parser: argparse.ArgumentParser, presets: Mapping[str, Any]) 
     return parser
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None  # strict JSON has no NaN or Infinity
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    return obj
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     """Write strict JSON (numpy scalars converted, NaN and ±inf → null), creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    path.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def fmt(mean_std: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:

@@ -26,7 +26,8 @@ u per epoch). The study writes ``DIR/results.json`` (schema below), ``DIR/table.
     {"config": {...}, "unit": "1e-2",
      "methods": {NAME: {"test_mse_projection": {"mean", "std"}, "test_mse_full": {"mean", "std"},
                         "final_gammas": [{γ name: value} per seed], "best_epoch": [per seed],
-                        "wall_s": total seconds over seeds}}}
+                        "wall_s": total seconds over seeds,
+                        "diverged": [{"seed", "error"} per diverged seed]}}}
 
 MSE values are in units of 1e-2 and mean/std run over seeds (sample std, n − 1).
 
@@ -56,7 +57,7 @@ import numpy as np
 
 import ace_jax
 from data.mocap import MocapData, load_mocap
-from experiments.common import add_study_args, markdown_table, parse_list, summarize, write_json
+from experiments.common import Diverged, add_study_args, exit_status, fit_seed, markdown_table, parse_list, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from models.egno import EGNO
 
@@ -315,7 +316,10 @@ def run_study(
         for seed in range(first_seed, first_seed + config.seeds):
             run_dir = out / method / f"seed{seed}"
             train_config = _train_config(config, method, seed, run_dir, progress, data_name)
-            fit = ace_jax.fit(task, train, val, test, method, train_config)
+            fit = fit_seed(lambda: ace_jax.fit(task, train, val, test, method, train_config), seed)
+            if isinstance(fit, Diverged):  # recorded; its NaN voids the method's mean (summarize)
+                per_seed.append({"method": method, "seed": seed, "diverged": fit.error})
+                continue
             summary = {
                 "method": method,
                 "seed": seed,
@@ -331,13 +335,19 @@ def run_study(
             plot_trajectories(fit.history, run_dir / "trajectories.png", f"EGNO MoCap Run — {method}, seed {seed}")
             per_seed.append(summary)
             histories.setdefault(method, fit.history)
-        plot_trajectories(histories[method], out / f"trajectories_{method}.png", f"EGNO MoCap Run — {method}")
+        if method in histories:
+            plot_trajectories(histories[method], out / f"trajectories_{method}.png", f"EGNO MoCap Run — {method}")
+        nan = float("nan")
         results[method] = {
-            "test_mse_projection": summarize([s["test"]["projection"][SELECT_METRIC] / UNIT for s in per_seed]),
-            "test_mse_full": summarize([s["test"]["full"][SELECT_METRIC] / UNIT for s in per_seed]),
-            "final_gammas": [{k: float(v) for k, v in s["final_gammas"].items()} for s in per_seed],
-            "best_epoch": [int(s["best_epoch"]) for s in per_seed],
-            "wall_s": float(sum(s["seconds"] for s in per_seed)),
+            "test_mse_projection": summarize([nan if "diverged" in s else s["test"]["projection"][SELECT_METRIC] / UNIT
+                                              for s in per_seed]),
+            "test_mse_full": summarize([nan if "diverged" in s else s["test"]["full"][SELECT_METRIC] / UNIT
+                                        for s in per_seed]),
+            "final_gammas": [None if "diverged" in s else {k: float(v) for k, v in s["final_gammas"].items()}
+                             for s in per_seed],
+            "best_epoch": [None if "diverged" in s else int(s["best_epoch"]) for s in per_seed],
+            "wall_s": float(sum(s.get("seconds", 0.0) for s in per_seed)),
+            "diverged": [{"seed": s["seed"], "error": s["diverged"]} for s in per_seed if "diverged" in s],
         }
 
     frames_ahead = int(data.target_offsets[-1])
@@ -415,8 +425,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(Path(args.out, "table.md").read_text())
     print(f"total wall time: {time.perf_counter() - t0:.1f} s")
+    for name, entry in report["methods"].items():
+        for run in entry["diverged"]:
+            print(f"{name}, seed {run['seed']}: DIVERGED ({run['error']})")
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_status(main(sys.argv[1:])))

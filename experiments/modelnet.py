@@ -134,7 +134,8 @@ Outputs in DIR:
 
 - ``results.json``: ``{"config": {...}, "runs": {"clean" | "dropout": {method:
   {"class_acc_projection", "instance_acc_projection", "class_acc_full",
-  "instance_acc_full"}: {"mean", "std"} over seeds}}}``;
+  "instance_acc_full"}: {"mean", "std"} over seeds, "diverged": [{"seed", "error"}]}}}``
+  (a diverged seed is recorded there and voids its method's means, written as null);
 - ``per_seed.json`` (each run's numbers, best epoch, final γ, seconds, median epoch time);
 - ``curves_<study>.png`` (validation accuracy per epoch, projection solid, full dashed),
   ``train_loss_<study>.png``, ``gamma_<study>_<method>.png`` (γ / λ / u of the first seed),
@@ -159,7 +160,8 @@ import optax
 
 from ace_jax import METHOD_NAMES, Task, TrainConfig, fit, gammas, get_method, named_leaves, random_rotation, rotate_points
 from data.pointcloud import random_rotations, rotate
-from experiments.common import add_study_args, markdown_table, parse_list, summarize, write_json
+from experiments.common import (Diverged, add_study_args, exit_status, fit_seed, markdown_table, parse_list,
+                                preset_run_settings, summarize, write_json)
 from models.vn_dgcnn import VNDGCNN, init_variables
 
 matplotlib.use("Agg")
@@ -484,17 +486,22 @@ def primal_optimizer(preset: Preset, steps_per_epoch: int, epochs: int) -> optax
     return optax.chain(*parts)
 
 
-def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, predictors, progress: bool) -> dict:
-    """Train one method with one seed; test accuracies of the selected variables."""
+def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, predictors, progress: bool,
+            run_settings: dict | None = None) -> dict:
+    """Train one method with one seed; test accuracies of the selected variables. ``run_settings``
+    (what else the run depends on) lets a rerun into ``run_dir`` resume a finished or interrupted run."""
     steps_per_epoch = len(data["train"]["label"]) // preset.batch_size
     config = TrainConfig(
         epochs=preset.epochs, batch_size=preset.batch_size, learning_rate=preset.learning_rate,
         dual_learning_rate=preset.dual_learning_rate, dual_proportional=preset.dual_proportional,
         eval_batch_size=preset.eval_batch_size, optimizer=primal_optimizer(preset, steps_per_epoch, preset.epochs),
         select_on=get_method(method).deployed, select_metric="accuracy", select_mode="max",
-        seed=seed, out_dir=str(run_dir), resume=False, progress=progress,
+        seed=seed, out_dir=str(run_dir), run_settings=run_settings, progress=progress,
     )
-    result = fit(task, data["train"], data["val"], data["test"], get_method(method), config)
+    result = fit_seed(lambda: fit(task, data["train"], data["val"], data["test"], get_method(method), config), seed)
+    if isinstance(result, Diverged):  # recorded; its NaN accuracies void the method's mean (summarize)
+        return {"seed": seed, **{m: float("nan") for m in METRICS}, "best_epoch": None, "final_gammas": None,
+                "selected_gammas": None, "diverged": result.error, "_history": []}
     has_branches = get_method(method).has_branches
     points, labels = data["test"]["points"], data["test"]["label"]
     proj = accuracies(predictors[True](result.best_variables, points), labels)
@@ -557,14 +564,21 @@ def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=
         runs[study], per_seed[study], timing[study] = {}, {}, {}
         histories = {}
         for method in preset.methods:
+            settings = preset_run_settings(preset, data=source, study=study, dropout_fraction=fraction,
+                                           class_names=list(data["class_names"]),
+                                           split_sizes={s: int(len(data[s]["label"])) for s in ("train", "val", "test")})
             records = [run_one(task, data, method, preset, seed, out_dir / "runs" / study / method / f"seed{seed}",
-                               predictors, progress) for seed in seeds]
+                               predictors, progress, settings) for seed in seeds]
             runs[study][method] = {m: summarize([r[m] for r in records]) for m in METRICS}
+            runs[study][method]["diverged"] = [{"seed": r["seed"], "error": r["diverged"]} for r in records
+                                               if "diverged" in r]
             per_seed[study][method] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-            timing[study][method] = {"fit_seconds": float(np.mean([r["seconds"] for r in records])),
-                                     "epoch_seconds": float(np.median([r["epoch_seconds"] for r in records]))}
-            histories[method] = records[0]["_history"]
-            if get_method(method).has_branches:
+            trained = [r for r in records if "diverged" not in r]
+            timing[study][method] = {"fit_seconds": float(np.mean([r["seconds"] for r in trained])) if trained else None,
+                                     "epoch_seconds": float(np.median([r["epoch_seconds"] for r in trained])) if trained
+                                     else None}
+            histories[method] = trained[0]["_history"] if trained else []
+            if get_method(method).has_branches and trained:
                 plot_trajectories(histories[method], out_dir / f"gamma_{study}_{method}.png",
                                   f"{study}: {method} γ / λ / u (seed {seeds[0]})")
         title = f"{study} (dropout {fraction:g}{', ' + preset.dropout_rule if fraction else ''})"
@@ -601,7 +615,9 @@ def results_table(results: dict) -> str:
         for method, r in methods.items():
             cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
             epoch = results["config"]["timing"][study][method]["epoch_seconds"]
-            rows.append([study, method, *cells, f"{epoch:.1f}"])
+            if r["diverged"]:
+                cells[0] += f" (seed(s) {', '.join(str(d['seed']) for d in r['diverged'])} diverged)"
+            rows.append([study, method, *cells, "-" if epoch is None else f"{epoch:.1f}"])
     header = ["study", "method", "class acc proj %", "inst acc proj %", "class acc full %", "inst acc full %",
               "s / epoch"]
     return markdown_table(header, rows)
@@ -689,8 +705,12 @@ def main(argv=None) -> dict:
     results = run_study(preset, Path(args.out), args.data, studies, args.seed, not args.no_progress, args.cache_dir)
     print(results_table(results))
     print(f"wall time {results['config']['wall_seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
+    for study, methods in results["runs"].items():
+        for method, entry in methods.items():
+            for run in entry["diverged"]:
+                print(f"{study} {method}, seed {run['seed']}: DIVERGED ({run['error']})")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

@@ -333,7 +333,7 @@ import ace_jax
 from ace_jax import Task, TrainConfig, random_orthogonal, random_rotation, relative_equivariance_error, rotate_points
 from ace_jax import rotation_about_axis
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
-from experiments.common import summarize, write_json
+from experiments.common import Diverged, diverged_list, exit_status, fit_seed, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from experiments.vmapped_seeds import fit_seeds_vmapped
 
@@ -608,17 +608,25 @@ def load_splits(train_size: int, val_size: int, test_size: int, field: float, ca
 
 
 def method_summary(results, seeds) -> dict:
-    """One method's entry of results.json from its per-seed ``FitResult``s."""
+    """One method's entry of results.json from its per-seed ``FitResult``s; a :class:`Diverged`
+    seed enters the summaries as NaN (mean and std null) and its lists as NaN / None."""
+
+    def per_seed(read, missing=float("nan")):
+        return [missing if isinstance(r, Diverged) else read(r) for r in results]
+
+    projection = per_seed(lambda r: float(r.test["projection"][METRIC]))
+    full = per_seed(lambda r: float(r.test["full"][METRIC]))
     return {
-        "test_mse_projection": summarize([r.test["projection"][METRIC] for r in results]),
-        "test_mse_full": summarize([r.test["full"][METRIC] for r in results]),
-        "test_mse_projection_per_seed": [float(r.test["projection"][METRIC]) for r in results],
-        "test_mse_full_per_seed": [float(r.test["full"][METRIC]) for r in results],
-        "best_epoch": [int(r.best_epoch) for r in results],
+        "test_mse_projection": summarize(projection),
+        "test_mse_full": summarize(full),
+        "test_mse_projection_per_seed": projection,
+        "test_mse_full_per_seed": full,
+        "best_epoch": per_seed(lambda r: int(r.best_epoch), None),
         "seeds": [int(s) for s in seeds],
-        "final_gammas": [r.history[-1]["gamma"] for r in results],
-        "final_multipliers": [r.history[-1]["multiplier"] for r in results],
-        "final_slacks": [r.history[-1]["slack"] for r in results],
+        "final_gammas": per_seed(lambda r: r.history[-1]["gamma"], None),
+        "final_multipliers": per_seed(lambda r: r.history[-1]["multiplier"], None),
+        "final_slacks": per_seed(lambda r: r.history[-1]["slack"], None),
+        "diverged": diverged_list(results),
     }
 
 
@@ -633,7 +641,7 @@ def render_table(model_name: str, summaries: dict, config: dict) -> str:
             fmt(entry["test_mse_projection"]),
             fmt(entry["test_mse_full"]),
             deployed,
-            ", ".join(str(e) for e in entry["best_epoch"]),
+            ", ".join("diverged" if e is None else str(e) for e in entry["best_epoch"]),
             f"{entry['equivariance_full']['so3']['mean']:.1e} / {entry['equivariance_full']['z']['mean']:.1e}",
             f"{entry['wall_s']:.0f}",
         ])
@@ -700,27 +708,30 @@ def run_study(args: argparse.Namespace) -> dict:
         if args.vmap_seeds:
             results = fit_seeds_vmapped(task, splits["train"], splits["val"], splits["test"], name, config, seeds,
                                         out_dirs=run_dirs)
-        else:
+        else:  # a diverged seed is recorded (Diverged) and the study goes on
             results = [
-                ace_jax.fit(task, splits["train"], splits["val"], splits["test"], name,
-                            dataclasses.replace(config, seed=s, out_dir=str(d)))
+                fit_seed(lambda s=s, d=d: ace_jax.fit(task, splits["train"], splits["val"], splits["test"], name,
+                                                      dataclasses.replace(config, seed=s, out_dir=str(d))), s)
                 for s, d in zip(seeds, run_dirs)
             ]
         entry = method_summary(results, seeds)
         # same rotations for every method of a seed (paired); the test split the study reports on;
         # one predict per method, so the seeds share one compiled program
         predict = make_predict(model)
-        reports = [equivariance_report(predict, r.best_variables, splits["test"],
-                                       jax.random.fold_in(jax.random.PRNGKey(s), 1)) for s, r in zip(seeds, results)]
+        reports = [{"so3": float("nan"), "z": float("nan")} if isinstance(r, Diverged) else
+                   equivariance_report(predict, r.best_variables, splits["test"], jax.random.fold_in(jax.random.PRNGKey(s), 1))
+                   for s, r in zip(seeds, results)]
         entry["equivariance_full"] = {
             **{name: summarize([rep[name] for rep in reports]) for name in ("so3", "z")},
             **{f"{name}_per_seed": [rep[name] for rep in reports] for name in ("so3", "z")},
             "examples": min(EQUIVARIANCE_EXAMPLES, len(splits["test"]["loc"])), "rotations": EQUIVARIANCE_ROTATIONS,
         }
         entry["wall_s"] = time.perf_counter() - t0
-        summaries[name], histories[name] = entry, results[0].history
-        plot_trajectories(results[0].history, out / f"trajectories_{name}.png",
-                          f"{args.model.upper()} {name}: γ, λ, u (seed {seeds[0]})")
+        first = next(((s, r) for s, r in zip(seeds, results) if not isinstance(r, Diverged)), None)
+        summaries[name], histories[name] = entry, first[1].history if first else []
+        if first:
+            plot_trajectories(first[1].history, out / f"trajectories_{name}.png",
+                              f"{args.model.upper()} {name}: γ, λ, u (seed {first[0]})")
         print(f"{name}: projection {fmt(entry['test_mse_projection'])}, full {fmt(entry['test_mse_full'])}, "
               f"{entry['wall_s']:.0f} s", flush=True)
 
@@ -765,8 +776,11 @@ def main(argv=None) -> dict:
     results = run_study(args)
     print((Path(args.out) / "table.md").read_text())
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    for name, entry in results["methods"].items():
+        for run in entry["diverged"]:
+            print(f"{name}, seed {run['seed']}: DIVERGED ({run['error']})")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))

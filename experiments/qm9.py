@@ -165,7 +165,7 @@ from data.qm9 import (
     target_stats,
 )
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
-from experiments.common import summarize, write_json
+from experiments.common import Diverged, exit_status, fit_seed, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from models.schnet import GRAPH_FIELDS, SchNet
 
@@ -567,7 +567,12 @@ def run_target(
                 progress=progress,
                 run_settings=run_settings,  # a checkpoint of other settings or another split is refused
             )
-            result = ace_jax.fit(task, train, valid, test, method, config)
+            result = fit_seed(lambda: ace_jax.fit(task, train, valid, test, method, config), seed)
+            if isinstance(result, Diverged):  # recorded; its NaN voids the method's mean (summarize)
+                projection.append(float("nan"))
+                full.append(float("nan"))
+                runs.append({"seed": seed, "diverged": result.error})
+                continue
             projection.append(result.test["projection"]["mae"])
             full.append(result.test["full"]["mae"])
             epoch_seconds = [r["seconds"] for r in result.history]
@@ -580,7 +585,7 @@ def run_target(
                 "median_epoch_seconds": float(np.median(epoch_seconds)) if epoch_seconds else None,
                 "final_gamma": result.history[-1]["gamma"] if result.history else {},
             })
-            if seed == seeds[0]:
+            if method not in histories:  # the first seed that trained
                 histories[method] = result.history
                 if result.history and result.history[-1]["gamma"]:
                     plot_trajectories(
@@ -591,6 +596,7 @@ def run_target(
             "test_mae_projection": summarize(projection),
             "test_mae_full": summarize(full),
             "unit": TARGETS[target].unit,
+            "diverged": [{"seed": r["seed"], "error": r["diverged"]} for r in runs if "diverged" in r],
         }
         details[method] = runs
     plot_curves(histories, out_dir / "curves" / f"{target}.png", metric="mae", title=f"{model_name} QM9 {target}")
@@ -708,6 +714,10 @@ def run_study(args: argparse.Namespace) -> dict:
         f"{config['num_molecules_used']} molecules)\n\n" + table
     )
     print(table, flush=True)
+    for target, entry in results_targets.items():
+        for method, cell in entry.items():
+            for run in cell["diverged"]:
+                print(f"[qm9] {target} {method} seed {run['seed']}: DIVERGED ({run['error']})", flush=True)
     print(f"[qm9] wrote {out_dir / 'results.json'} in {config['wall_seconds']:.1f} s", flush=True)
     return results
 
@@ -761,4 +771,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(exit_status(main(sys.argv[1:])))

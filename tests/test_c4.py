@@ -4,6 +4,7 @@ Parameters are drawn with numpy from the shapes ``jax.eval_shape(model.init)`` r
 tests the model at generic weights and keeps the file fast (no PRNG kernels to compile).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -414,3 +415,19 @@ def test_unknown_branch_bound_is_a_clear_error():
     model = C4CNN(channels=2, num_layers=1, branch_bound="clip")
     with pytest.raises(ValueError, match="bound must be one of"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_study_rerun_into_the_same_folder_resumes_and_refuses_another_preset(tmp_path):
+    from experiments.c4_toy import Preset, run_task
+
+    preset = Preset(num_train=16, num_val=8, num_test=8, epochs=2, seeds=1, size=8, batch_size=8, channels=2,
+                    num_layers=2)
+    first = run_task("square_to_rectangle", preset, 0, tmp_path, progress=False)
+    runs = tmp_path / "runs" / "square_to_rectangle_seed0"
+    logs = {m: (runs / m / "log.jsonl").read_text() for m in ("vanilla", "ace-resilient")}
+    again = run_task("square_to_rectangle", preset, 0, tmp_path, progress=False)
+    # finished runs are resumed, not retrained: the logs (with their per-epoch wall times) are the first run's
+    assert {m: (runs / m / "log.jsonl").read_text() for m in logs} == logs
+    assert again.ace.test == first.ace.test and again.baseline.test == first.baseline.test
+    with pytest.raises(ValueError, match="other settings.*channels"):
+        run_task("square_to_rectangle", dataclasses.replace(preset, channels=3), 0, tmp_path, progress=False)

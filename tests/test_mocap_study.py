@@ -17,7 +17,7 @@ from models.egno import EGNO
 pytestmark = pytest.mark.skipif(not DEFAULT_MOCAP_PATH.is_file(), reason=f"missing {DEFAULT_MOCAP_PATH}")
 
 TINY = {"hidden": 8, "num_layers": 1, "time_embed": 4, "max_train": 12, "max_eval": 12, "batch_size": 6}
-METHOD_KEYS = {"test_mse_projection", "test_mse_full", "final_gammas", "best_epoch", "wall_s"}
+METHOD_KEYS = {"test_mse_projection", "test_mse_full", "final_gammas", "best_epoch", "wall_s", "diverged"}
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_tiny_run_writes_the_schema(tmp_path):
     assert set(stored["runs"]) == {"dropout"}
     assert set(stored["runs"]["dropout"]) == {"ace"}
     entry = stored["runs"]["dropout"]["ace"]
-    assert set(entry) == set(METRICS)
+    assert set(entry) == {*METRICS, "diverged"} and entry["diverged"] == []
     for metric in METRICS:
         assert set(entry[metric]) == {"mean", "std"}
         assert 0.0 <= entry[metric]["mean"] <= 1.0 and entry[metric]["std"] == 0.0
@@ -150,7 +150,16 @@ def test_tiny_run_writes_the_schema(tmp_path):
         assert (tmp_path / name).is_file(), name
     per_seed = json.loads((tmp_path / "per_seed.json").read_text())["dropout"]["ace"][0]
     assert len(per_seed["final_gammas"]) == 15
-    assert (tmp_path / "runs" / "dropout" / "ace" / "seed0" / "log.jsonl").is_file()
+    log_path = tmp_path / "runs" / "dropout" / "ace" / "seed0" / "log.jsonl"
+    log = log_path.read_text()
+    # rerunning into the same folder resumes the finished run (no epoch retrained: the logged
+    # per-epoch wall times are the first run's) and gives the same numbers ...
+    again = run_study(preset, tmp_path, studies=("dropout",), progress=False, cache_dir=tmp_path / "cache")
+    assert log_path.read_text() == log and again["runs"] == results["runs"]
+    # ... and a checkpoint trained under another preset is refused, not silently continued
+    with pytest.raises(ValueError, match="other settings.*learning_rate"):
+        run_study(tiny_preset(dropout=0.25, learning_rate=2e-3), tmp_path, studies=("dropout",), progress=False,
+                  cache_dir=tmp_path / "cache")
 
 
 def test_every_preset_names_known_classes_and_methods():

@@ -150,9 +150,11 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     assert results["config"]["branch_init_scale"] == 0.01  # EGNN's default, recorded as used
     assert set(results["methods"]) == {"ace-resilient"}
     keys = {"test_mse_projection", "test_mse_full", "test_mse_projection_per_seed", "test_mse_full_per_seed",
-            "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "equivariance_full", "wall_s"}
+            "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "equivariance_full", "wall_s",
+            "diverged"}
     for name, entry in results["methods"].items():
         assert set(entry) == keys, name
+        assert entry["diverged"] == []
         for key in ("test_mse_projection", "test_mse_full"):
             assert set(entry[key]) == {"mean", "std"} and entry[key]["mean"] > 0
             assert entry[f"{key}_per_seed"] == [pytest.approx(entry[key]["mean"])]  # one seed: its value is the mean

@@ -143,8 +143,8 @@ def test_tiny_study_writes_results_schema(tmp_path):
     assert set(results["targets"]) == {"zpve"}
     assert set(results["targets"]["zpve"]) == {"vanilla", "ace"}
     for entry in results["targets"]["zpve"].values():
-        assert set(entry) == {"test_mae_projection", "test_mae_full", "unit"}
-        assert entry["unit"] == "eV"
+        assert set(entry) == {"test_mae_projection", "test_mae_full", "unit", "diverged"}
+        assert entry["unit"] == "eV" and entry["diverged"] == []
         for key in ("test_mae_projection", "test_mae_full"):
             assert set(entry[key]) == {"mean", "std"}
             assert np.isfinite(entry[key]["mean"]) and entry[key]["mean"] > 0
