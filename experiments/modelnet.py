@@ -524,7 +524,8 @@ def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, p
 def plot_train_loss(histories: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (name, history) in enumerate(histories.items()):
-        ax.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], color=f"C{i}", label=name)
+        ax.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], color=f"C{i}", label=name,
+                marker="o" if len(history) == 1 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (smoothed CE)")
     ax.set_title(title)

@@ -11,6 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _marker(x: Sequence) -> str | None:
+    """A marker where a series has one point (a line through one point draws nothing)."""
+    return "o" if len(x) == 1 else None
+
+
 def plot_trajectories(history: Sequence[Mapping], path: str | Path, title: str = "") -> None:
     """Three panels: every γ_i, λ_i and u_i against the epoch (empty panels say 'none')."""
     epochs = [r["epoch"] for r in history]
@@ -18,7 +23,7 @@ def plot_trajectories(history: Sequence[Mapping], path: str | Path, title: str =
     for ax, key, label in zip(axes, ("gamma", "multiplier", "slack"), ("γ", "λ", "u")):
         names = list(history[0].get(key, {})) if history else []
         for name in names:
-            ax.plot(epochs, [r[key][name] for r in history], label=name, lw=1.2)
+            ax.plot(epochs, [r[key][name] for r in history], label=name, lw=1.2, marker=_marker(epochs))
         if not names:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("epoch")
@@ -49,8 +54,10 @@ def plot_curves(
         key = metric or next(iter(evals[0]["val"]["projection"]))
         color = f"C{i % 10}"
         x = [r["epoch"] for r in evals]
-        ax.plot(x, [r["val"]["projection"][key] for r in evals], color=color, label=f"{name} (projection)")
-        ax.plot(x, [r["val"]["full"][key] for r in evals], color=color, ls="--", lw=0.9, label=f"{name} (full)")
+        ax.plot(x, [r["val"]["projection"][key] for r in evals], color=color, label=f"{name} (projection)",
+                marker=_marker(x))
+        ax.plot(x, [r["val"]["full"][key] for r in evals], color=color, ls="--", lw=0.9, label=f"{name} (full)",
+                marker=_marker(x))
         ax.set_ylabel(f"validation {key}")
     ax.set_xlabel("epoch")
     if logy:
