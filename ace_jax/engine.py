@@ -275,7 +275,9 @@ def make_evaluator(task: Task, batch_size: int, sharding=None):
     """``evaluate(variables, data, project) -> {metric: mean}`` over a whole split.
 
     Batches are padded to ``batch_size`` with zero-weight copies of the first example so
-    that one compiled program serves every batch; padding never enters the mean.
+    that one compiled program serves every batch; padding never enters the mean. The mean is
+    over examples, unweighted: a split's ``"weight"`` field (which weights the training loss,
+    :func:`ace_jax.lagrangian.make_lagrangian`) reaches the metric as an ordinary field.
     """
     metric = task.metric or (lambda v, ex, project: task.loss(v, ex, jax.random.PRNGKey(0), project))
 
@@ -544,7 +546,8 @@ def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
     """What a checkpoint records of its run's settings (JSON-able): the trajectory-shaping
     :class:`TrainConfig` fields, the method, the training-set size, whether a custom
     learning-rate schedule or optimizer was given (callables cannot be compared), and the
-    study's ``run_settings``."""
+    study's ``run_settings``. Not recorded: ``eval_batch_size`` and the device count, which
+    change the evaluation sums only by float round-off."""
     out = {name: getattr(config, name) for name in _FINGERPRINT_FIELDS}
     out.update(method=repr(method), gamma_schedule=method.gamma_schedule, train_examples=int(n_train),
                lr_schedule=config.lr_schedule is not None, optimizer=config.optimizer is not None,
