@@ -11,7 +11,7 @@ Read top to bottom, :func:`fit` does:
    method deploys (``TrainConfig.select_on``, by default ``method.deployed``; a non-finite
    validation score is never selected), append a JSON line with losses and every γ_i, λ_i, u_i;
 4. checkpoint after every finished epoch (atomic write), with the run's settings
-   (:func:`run_fingerprint`). A non-finite Lagrangian or gradient stops the run with
+   (:func:`run_fingerprint`). A non-finite Lagrangian, gradient or updated state stops the run with
    :class:`NonFiniteError`; the checkpoint on disk is the last good one. ``resume=True``
    continues from it and gives the numbers of an uninterrupted run; a checkpoint written
    under other settings (seed, method, learning rates, batch size, …) is refused with an
@@ -51,7 +51,7 @@ Dataset = Mapping[str, np.ndarray]
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised when the loss or a gradient becomes NaN/Inf during training."""
+    """Raised when the loss, a gradient or the updated state becomes NaN/Inf during training."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,10 +578,10 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
     """
     if saved is None:
         raise ValueError(f"cannot resume from {path}: it records no run settings (written by an older version); "
-                         "use a new output directory or resume=False")
+                         "use a new output directory, delete the checkpoint, or resume=False")
     if trained > current["epochs"]:
         raise ValueError(f"cannot resume from {path}: it has trained {trained} epochs, more than this run's "
-                         f"epochs={current['epochs']}; use a new output directory or resume=False")
+                         f"epochs={current['epochs']}; use a new output directory, delete the checkpoint, or resume=False")
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     schedule_free = not (current["lr_schedule"] or current["optimizer"] or current["gamma_schedule"])
     if differ == ["epochs"] and schedule_free:
@@ -594,17 +594,17 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
             raise ValueError(
                 f"cannot resume from {path}: its run ended at epoch {trained - 1} with an evaluation outside "
                 f"the eval_every={every} schedule, which an uninterrupted {current['epochs']}-epoch "
-                "run would not make (and which may be the selected epoch); use a new output directory or resume=False")
+                "run would not make (and which may be the selected epoch); use a new output directory, delete the checkpoint, or resume=False")
         if would_be and not evaluated:
             raise ValueError(
                 f"cannot resume from {path}: it stopped after epoch {trained - 1} without evaluating it, and "
                 f"epochs={current['epochs']} makes that the final epoch, which an uninterrupted run evaluates; "
-                "use a new output directory or resume=False")
+                "use a new output directory, delete the checkpoint, or resume=False")
         return
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)
         raise ValueError(f"cannot resume from {path}: it was written under other settings ({what}). "
-                         "Rerun with the checkpoint's settings, or use a new output directory or resume=False")
+                         "Rerun with the checkpoint's settings, or use a new output directory, delete the checkpoint, or resume=False")
 
 
 def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:

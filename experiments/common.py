@@ -69,9 +69,12 @@ def summarize(values: Sequence[float]) -> dict:
 def preset_run_settings(preset: Any, **extra: Any) -> dict:
     """A study's preset dataclass as ``TrainConfig.run_settings`` (what else a checkpoint
     depends on): every field except the seed count and method list, which do not shape one
-    run, plus ``extra`` (the data source, the task, …). Rerunning a study into the same folder
-    then resumes its finished runs and refuses a checkpoint trained under another preset."""
-    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ("seeds", "methods")}
+    run, and ``epochs`` / ``eval_batch_size``, which the engine's own fingerprint handles
+    (a longer ``epochs`` may extend a finished run where that equals an uninterrupted one), plus
+    ``extra`` (the data source, the task, …). Rerunning a study into the same folder then
+    resumes its finished runs and refuses a checkpoint trained under another preset."""
+    skip = ("seeds", "methods", "epochs", "eval_batch_size")
+    fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in skip}
     return {**fields, **extra}
 
 

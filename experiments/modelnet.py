@@ -581,7 +581,7 @@ def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=
             histories[method] = trained[0]["_history"] if trained else []
             if get_method(method).has_branches and trained:
                 plot_trajectories(histories[method], out_dir / f"gamma_{study}_{method}.png",
-                                  f"{study}: {method} γ / λ / u (seed {seeds[0]})")
+                                  f"{study}: {method} γ / λ / u (seed {trained[0]['seed']})")
         title = f"{study} (dropout {fraction:g}{', ' + preset.dropout_rule if fraction else ''})"
         plot_curves(histories, out_dir / f"curves_{study}.png", metric="accuracy", title=title, logy=False)
         plot_train_loss(histories, out_dir / f"train_loss_{study}.png", title)

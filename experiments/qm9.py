@@ -8,9 +8,11 @@ One model per target (the usual QM9 protocol). Writes ``DIR/results.json``::
 
     {"config": {...}, "model": "schnet",
      "targets": {TARGET: {METHOD: {"test_mae_projection": {"mean", "std"},
-                                   "test_mae_full": {"mean", "std"}, "unit": "eV"}}}}
+                                   "test_mae_full": {"mean", "std"}, "unit": "eV",
+                                   "diverged": [{"seed", "error"}]}}}}
 
-(mean/std over seeds of the test MAE in the target's unit, per real molecule), ``DIR/table.md``
+(mean/std over seeds of the test MAE in the target's unit, per real molecule; a diverged seed
+is listed and voids its method's mean, written as null), ``DIR/table.md``
 (targets × methods, like Table 2 of the ACE paper), γ/λ/u trajectory plots under
 ``DIR/trajectories/`` and per-run details (per-seed values, best epoch, seconds) in
 ``DIR/runs.json``; each run's log.jsonl and checkpoint lie under ``DIR/runs/`` (resumable).

@@ -85,7 +85,7 @@ def fit_seeds_vmapped(
     config: TrainConfig,
     seeds: Sequence[int],
     out_dirs: Sequence[str | Path] | None = None,
-) -> list[FitResult]:
+) -> list[FitResult | Diverged]:
     """Train ``method`` for every seed at once; returns one :class:`FitResult` per seed, or a
     :class:`experiments.common.Diverged` for a seed that ``fit`` would have stopped with
     :class:`ace_jax.NonFiniteError` (a non-finite step, or no finite validation score): that

@@ -99,3 +99,54 @@ def test_fit_seed_records_a_divergence_and_the_study_summary_voids_the_mean(caps
     assert summarize([0.5, 0.25]) == {"mean": 0.375, "std": pytest.approx(0.1767767, rel=1e-6)}
     # the entry is written as strict JSON: NaN -> null
     assert json.loads(json.dumps(aj.engine.strict_json(entry), allow_nan=False))["test_mse_projection"]["mean"] is None
+
+
+def test_vmapped_seed_without_a_finite_validation_score_is_diverged():
+    # the metric is NaN for one seed's model only (training itself stays finite): as fit, that
+    # seed cannot select an epoch; the other seed is unaffected
+    task, model = _task()
+    signs = {s: _first_weight(model, s) > 0 for s in range(12)}
+    good, bad = next(s for s, p in signs.items() if not p), next(s for s, p in signs.items() if p)
+    finite_loss = lambda v, ex, rng, project: jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)  # noqa: E731
+    task = aj.Task(init=task.init, loss=finite_loss,
+                   metric=lambda v, ex, project: finite_loss(v, ex, None, project)
+                   + jnp.where(v["params"]["Dense_0"]["kernel"][0, 0] > 0, jnp.nan, 0.0))
+    data = _data()
+    config = aj.TrainConfig(epochs=1, batch_size=8, eval_batch_size=8, progress=False, learning_rate=1e-3)
+    got_good, got_bad = fit_seeds_vmapped(task, data, data, data, "ace", config, [good, bad])
+    assert isinstance(got_bad, Diverged) and "never finite" in got_bad.error
+    assert not isinstance(got_good, Diverged) and np.isfinite(got_good.test["projection"]["metric"])
+
+
+def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
+    # a NaN validation metric is logged as null (Python's json would write the token NaN)
+    task, model = _task()
+    finite_loss = lambda v, ex, rng, project: jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)  # noqa: E731
+    task = aj.Task(init=task.init, loss=finite_loss,
+                   metric=lambda v, ex, project: {"mse": finite_loss(v, ex, None, project), "nan": jnp.nan})
+    data = _data()
+    aj.fit(task, data, data, None, "ace", aj.TrainConfig(epochs=1, batch_size=8, progress=False,
+                                                        select_metric="mse", out_dir=str(tmp_path)))
+
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0], parse_constant=refuse)
+    assert record["val"]["projection"]["nan"] is None and record["val"]["projection"]["mse"] > 0
+
+
+def test_step_latches_after_a_bad_step_and_reports_it():
+    # after one non-finite step every later step is a no-op, and metrics["applied"] says so
+    import optax
+
+    lagrangian = aj.make_lagrangian(lambda v, ex, rng: (v["params"]["w"] - ex["y"]) ** 2, None)
+    tx = optax.sgd(0.1)
+    state = aj.init_train_state({"params": {"w": jnp.asarray(1.0)}}, tx, None, None, None, True)
+    step = jax.jit(aj.make_train_step(lagrangian, tx, None, None, None, True))
+    key = jax.random.PRNGKey(0)
+    state, m = step(state, {"y": jnp.array([jnp.nan])}, key)
+    assert not bool(m["finite"]) and not bool(m["applied"]) and int(state.first_bad_step) == 0
+    for _ in range(2):
+        state, m = step(state, {"y": jnp.array([0.0])}, key)
+        assert bool(m["finite"]) and not bool(m["applied"])
+    assert float(state.params["w"]) == 1.0

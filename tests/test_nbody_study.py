@@ -255,3 +255,35 @@ def test_equivariance_report_is_round_off_without_branches_and_large_with_them()
     assert exact["so3"] < 1e-5 and exact["z"] < 1e-5
     full = study.equivariance_report(predict, broken, data, key, num_examples=12, num_rotations=3)
     assert full["so3"] > 1e-3 and full["z"] > 1e-3
+
+
+def test_a_diverged_seed_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch, tiny_task):
+    # seed 1's fit raises NonFiniteError (as a diverging run does): the study still writes every
+    # file, seed 0's numbers, null mean/std for the method, the seed under "diverged", and exit 1
+    data = random_data(24)
+    monkeypatch.setattr(study, "load_splits", lambda *a, **k: dict(zip(("train", "val", "test"), split(data, 8, 8, 8))))
+    monkeypatch.setattr(study, "make_model", lambda *a, **k: EGNN(hidden=8, num_layers=1))
+    monkeypatch.setattr(study, "make_task", lambda model, example, field=0.0: tiny_task)
+    monkeypatch.setitem(study.PRESETS, "quick", {**study.PRESETS["quick"], "batch_size": 4})
+    real_fit = ace_jax.fit
+
+    def fit(task, train, val, test, method, config):
+        if config.seed == 1:
+            raise ace_jax.NonFiniteError("non-finite loss at step 3 (epoch 0)")
+        return real_fit(task, train, val, test, method, config)
+
+    monkeypatch.setattr(study.ace_jax, "fit", fit)
+    out = tmp_path / "run"
+    results = study.main(["--preset", "quick", "--out", str(out), "--model", "egnn", "--methods", "ace",
+                          "--epochs", "1", "--seeds", "2", "--no-progress"])
+    stored = json.loads((out / "results.json").read_text())
+    entry = stored["methods"]["ace"]
+    assert entry["diverged"] == [{"seed": 1, "error": "non-finite loss at step 3 (epoch 0)"}]
+    assert entry["test_mse_projection"] == {"mean": None, "std": None}
+    assert entry["test_mse_projection_per_seed"][0] > 0 and entry["test_mse_projection_per_seed"][1] is None
+    assert entry["best_epoch"] == [0, None] and entry["final_gammas"][1] is None
+    assert "diverged" in (out / "table.md").read_text()
+    assert (out / "trajectories_ace.png").is_file()
+    from experiments.common import exit_status
+
+    assert exit_status(results) == 1
