@@ -31,6 +31,14 @@ does not measures the allocator, not ACE. The QM9 steps (about 150 MiB scratch, 
 faults per step) all pay it: with that setting the vanilla QM9-SEGNN step went from 392 to
 345 ms and the SchNet step from 199 to 155 ms.
 
+XLA:CPU options do not close the N-body SEGNN gap (batch 100, 2 cores, QM9 runs paused, one
+interleaved run of 60 steps per setting, ``XLA_FLAGS=...``; vanilla / ACE median): default
+41.4 / 52.0 ms (1.26×); ``--xla_cpu_use_xnnpack=true`` 36.7 / 45.2 ms (1.23×), with
+``--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`` added 44.7 / 52.0
+ms (1.16×, the vanilla step slower); ``--xla_cpu_use_onednn=true`` 34.3 / 43.5 ms (1.27×);
+``--xla_cpu_enable_concurrency_optimized_scheduler=true`` 36.5 / 45.9 ms (1.26×). The code sets
+no XLA flag.
+
 On one NVIDIA H200 (README, "On a GPU"; one run per model, 100 steps) the small graph steps
 run far below the card's arithmetic and memory rates, so their time seems to follow the number
 of kernels rather than the arithmetic (an inference; no profiler was run): vanilla / ACE SEGNN 6.76 / 9.84 ms (1.46×),
