@@ -529,7 +529,8 @@ def plot_train_loss(histories: dict, path: Path, title: str) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (smoothed CE)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

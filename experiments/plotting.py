@@ -62,7 +62,8 @@ def plot_curves(
     ax.set_xlabel("epoch")
     if logy:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
+        ax.legend(fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

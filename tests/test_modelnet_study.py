@@ -219,3 +219,23 @@ def test_optimizer_options_reach_the_preset_and_are_validated():
             preset("--preset", "cpu", *bad)
     with pytest.raises(SystemExit):
         preset("--preset", "quick", "--weight-decay", "1e-4")  # Adam: no weight decay here
+
+
+def test_a_method_whose_every_seed_diverges_is_recorded(tmp_path, monkeypatch):
+    # every fit raises NonFiniteError: the study still writes its files, with null accuracies and
+    # both seeds listed as diverged (no plot of a history that does not exist), and exit status 1
+    import ace_jax
+    from experiments import modelnet
+    from experiments.common import exit_status
+
+    def diverge(task, train, val, test, method, config):
+        raise ace_jax.NonFiniteError(f"non-finite loss at step 0 (epoch 0), seed {config.seed}")
+
+    monkeypatch.setattr(modelnet, "fit", diverge)
+    results = run_study(tiny_preset(seeds=2), tmp_path, studies=("clean",), progress=False, cache_dir=tmp_path / "cache")
+    entry = json.loads((tmp_path / "results.json").read_text())["runs"]["clean"]["ace"]
+    assert [d["seed"] for d in entry["diverged"]] == [0, 1]
+    assert all(entry[m] == {"mean": None, "std": None} for m in METRICS)
+    assert "diverged" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "gamma_clean_ace.png").exists() and (tmp_path / "curves_clean.png").is_file()
+    assert exit_status(results) == 1
