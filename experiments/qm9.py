@@ -120,6 +120,16 @@ as a replication of the 6-seed result) were added later.
   model lowers both methods' Cv MAE by about a fifth against the 32-wide one (0.1312 /
   0.1284); ACE is ahead on two seeds of three and level on the third, so at this width and
   number of seeds its Cv gain is not established.
+- Seeds 3 and 4 of the same comparison (both fixed in advance together, session 22, after
+  seeds 0–2 were known; same command, one core per run; seed 3 shared the machine with tests and
+  was paused 4 min: 4175 / 4245 s, seed 4 2587 / 2678 s): vanilla 0.10775 / 0.10415, ACE
+  projection 0.10236 / 0.10264 (−5.0 % / −1.4 %; full model the same to 4 digits, final |γ| ≤
+  2.6e-4; best epochs 22–24). Over seeds 0–4: vanilla 0.1069 ± 0.0028, ACE 0.1026 ± 0.0018
+  (−4.0 %), ACE ahead on 4 of 5 seeds and level on one; paired t = −2.80 (4 degrees of freedom,
+  p = 0.049; Wilcoxon signed-rank p = 0.125, where 0.0625 is the smallest possible with 5 pairs).
+  Because the two seeds were added after three were seen, p = 0.049 is weaker evidence than
+  its face value; read it as a likely gain of a few per cent at the paper's width, consistent
+  with the 13-seed result at the small width (−2.1 %, p = 0.002).
 - With κ = 100 and dual step 1e-3 instead (no decay, seed 0), γ swung by up to 0.86 either
   side of 0 for 12 epochs, and ZPVE ended at 0.01283, against vanilla's 0.01142.
 - Branches started small (``--branch-init-scale 0.01``; the EGNN default, where it stopped a
