@@ -564,6 +564,12 @@ def run_fingerprint(config: TrainConfig, method: Method, n_train: int) -> dict:
         raise ValueError(f"the run settings must be JSON-serialisable (TrainConfig.run_settings?): {err}") from err
 
 
+def _cannot_resume(path: Path, reason: str) -> ValueError:
+    """The error refusing to resume from ``path``, with the ways to start afresh."""
+    return ValueError(f"cannot resume from {path}: {reason}; use a new output directory, delete the checkpoint, "
+                      "or pass resume=False")
+
+
 def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: int) -> None:
     """Refuse to continue a checkpoint written under other settings.
 
@@ -577,11 +583,9 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
     an interrupted run cut to end exactly where it stopped would need an evaluation it never made).
     """
     if saved is None:
-        raise ValueError(f"cannot resume from {path}: it records no run settings (written by an older version); "
-                         "use a new output directory, delete the checkpoint, or resume=False")
+        raise _cannot_resume(path, "it records no run settings (written by an older version)")
     if trained > current["epochs"]:
-        raise ValueError(f"cannot resume from {path}: it has trained {trained} epochs, more than this run's "
-                         f"epochs={current['epochs']}; use a new output directory, delete the checkpoint, or resume=False")
+        raise _cannot_resume(path, f"it has trained {trained} epochs, more than this run's epochs={current['epochs']}")
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     schedule_free = not (current["lr_schedule"] or current["optimizer"] or current["gamma_schedule"])
     if differ == ["epochs"] and schedule_free:
@@ -591,20 +595,18 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
         evaluated = trained % every == 0 or trained == saved["epochs"]
         would_be = trained % every == 0 or trained == current["epochs"]
         if evaluated and not would_be:
-            raise ValueError(
-                f"cannot resume from {path}: its run ended at epoch {trained - 1} with an evaluation outside "
-                f"the eval_every={every} schedule, which an uninterrupted {current['epochs']}-epoch "
-                "run would not make (and which may be the selected epoch); use a new output directory, delete the checkpoint, or resume=False")
+            raise _cannot_resume(path, f"its run ended at epoch {trained - 1} with an evaluation outside the "
+                                       f"eval_every={every} schedule, which an uninterrupted {current['epochs']}-epoch "
+                                       "run would not make (and which may be the selected epoch)")
         if would_be and not evaluated:
-            raise ValueError(
-                f"cannot resume from {path}: it stopped after epoch {trained - 1} without evaluating it, and "
-                f"epochs={current['epochs']} makes that the final epoch, which an uninterrupted run evaluates; "
-                "use a new output directory, delete the checkpoint, or resume=False")
+            raise _cannot_resume(path, f"it stopped after epoch {trained - 1} without evaluating it, and "
+                                       f"epochs={current['epochs']} makes that the final epoch, which an "
+                                       "uninterrupted run evaluates")
         return
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)
-        raise ValueError(f"cannot resume from {path}: it was written under other settings ({what}). "
-                         "Rerun with the checkpoint's settings, or use a new output directory, delete the checkpoint, or resume=False")
+        raise _cannot_resume(path, f"it was written under other settings ({what}); rerun with the checkpoint's "
+                                   "settings to continue it")
 
 
 def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:

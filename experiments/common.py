@@ -23,7 +23,8 @@ class Diverged(NamedTuple):
     A study records it and goes on with its other runs (one diverged seed of a multi-hour study
     should not lose the rest): the run's metrics enter :func:`summarize` as NaN, so the
     method's mean and std are written as null rather than as a mean over the surviving seeds;
-    its entry lists ``"diverged": [{"seed", "error"}]`` and the script exits with status 1. The
+    its entry lists ``"diverged": [{"seed", "error"}]`` and the script exits with status 1
+    (:func:`report_diverged`). The
     run's folder keeps its last good checkpoint and log.
     """
 
@@ -45,13 +46,28 @@ def diverged_list(results: Sequence[Any]) -> list[dict]:
     return [{"seed": r.seed, "error": r.error} for r in results if isinstance(r, Diverged)]
 
 
-def exit_status(results: Any) -> int:
-    """1 if a ``"diverged"`` list anywhere in a study's results is non-empty, else 0."""
+def diverged_runs(results: Any, where: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
+    """Every ``(keys, {"seed", "error"})`` listed under a ``"diverged"`` key anywhere in a
+    study's results, ``keys`` leading to it (e.g. ``("methods", "ace")``)."""
     if isinstance(results, Mapping):
-        return max([1 if k == "diverged" and v else exit_status(v) for k, v in results.items()], default=0)
+        found = []
+        for key, value in results.items():
+            if key == "diverged" and isinstance(value, list):
+                found += [(where, run) for run in value]
+            else:
+                found += diverged_runs(value, where + (str(key),))
+        return found
     if isinstance(results, (list, tuple)):
-        return max([exit_status(v) for v in results], default=0)
-    return 0
+        return [hit for value in results for hit in diverged_runs(value, where)]
+    return []
+
+
+def report_diverged(results: Any) -> int:
+    """Print each diverged run of a study's results; the script's exit status (1 if any, else 0)."""
+    runs = diverged_runs(results)
+    for keys, run in runs:
+        print(f"{' / '.join(keys)}, seed {run['seed']}: DIVERGED ({run['error']})", flush=True)
+    return 1 if runs else 0
 
 
 def summarize(values: Sequence[float]) -> dict:

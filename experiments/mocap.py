@@ -57,7 +57,8 @@ import numpy as np
 
 import ace_jax
 from data.mocap import MocapData, load_mocap
-from experiments.common import Diverged, add_study_args, exit_status, fit_seed, markdown_table, parse_list, summarize, write_json
+from experiments.common import (Diverged, add_study_args, fit_seed, markdown_table, parse_list, report_diverged,
+                                summarize, write_json)
 from experiments.plotting import plot_curves, plot_trajectories
 from models.egno import EGNO
 
@@ -425,11 +426,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(Path(args.out, "table.md").read_text())
     print(f"total wall time: {time.perf_counter() - t0:.1f} s")
-    for name, entry in report["methods"].items():
-        for run in entry["diverged"]:
-            print(f"{name}, seed {run['seed']}: DIVERGED ({run['error']})")
     return report
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main(sys.argv[1:])))
+    raise SystemExit(report_diverged(main(sys.argv[1:])))

@@ -160,8 +160,8 @@ import optax
 
 from ace_jax import METHOD_NAMES, Task, TrainConfig, fit, gammas, get_method, named_leaves, random_rotation, rotate_points
 from data.pointcloud import random_rotations, rotate
-from experiments.common import (Diverged, add_study_args, exit_status, fit_seed, markdown_table, parse_list,
-                                preset_run_settings, summarize, write_json)
+from experiments.common import (Diverged, add_study_args, fit_seed, markdown_table, parse_list, preset_run_settings,
+                                report_diverged, summarize, write_json)
 from models.vn_dgcnn import VNDGCNN, init_variables
 
 matplotlib.use("Agg")
@@ -522,10 +522,12 @@ def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, p
 
 
 def plot_train_loss(histories: dict, path: Path, title: str) -> None:
+    from experiments.plotting import single_point_marker
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (name, history) in enumerate(histories.items()):
         ax.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], color=f"C{i}", label=name,
-                marker="o" if len(history) == 1 else None)
+                marker=single_point_marker(history))
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (smoothed CE)")
     ax.set_title(title)
@@ -707,12 +709,8 @@ def main(argv=None) -> dict:
     results = run_study(preset, Path(args.out), args.data, studies, args.seed, not args.no_progress, args.cache_dir)
     print(results_table(results))
     print(f"wall time {results['config']['wall_seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
-    for study, methods in results["runs"].items():
-        for method, entry in methods.items():
-            for run in entry["diverged"]:
-                print(f"{study} {method}, seed {run['seed']}: DIVERGED ({run['error']})")
     return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(report_diverged(main()))

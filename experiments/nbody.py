@@ -333,7 +333,7 @@ import ace_jax
 from ace_jax import Task, TrainConfig, random_orthogonal, random_rotation, relative_equivariance_error, rotate_points
 from ace_jax import rotation_about_axis
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
-from experiments.common import Diverged, diverged_list, exit_status, fit_seed, summarize, write_json
+from experiments.common import Diverged, diverged_list, fit_seed, report_diverged, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from experiments.vmapped_seeds import fit_seeds_vmapped
 
@@ -776,11 +776,8 @@ def main(argv=None) -> dict:
     results = run_study(args)
     print((Path(args.out) / "table.md").read_text())
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
-    for name, entry in results["methods"].items():
-        for run in entry["diverged"]:
-            print(f"{name}, seed {run['seed']}: DIVERGED ({run['error']})")
     return results
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(report_diverged(main()))

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _marker(x: Sequence) -> str | None:
+def single_point_marker(x: Sequence) -> str | None:
     """A marker where a series has one point (a line through one point draws nothing)."""
     return "o" if len(x) == 1 else None
 
@@ -23,7 +23,7 @@ def plot_trajectories(history: Sequence[Mapping], path: str | Path, title: str =
     for ax, key, label in zip(axes, ("gamma", "multiplier", "slack"), ("γ", "λ", "u")):
         names = list(history[0].get(key, {})) if history else []
         for name in names:
-            ax.plot(epochs, [r[key][name] for r in history], label=name, lw=1.2, marker=_marker(epochs))
+            ax.plot(epochs, [r[key][name] for r in history], label=name, lw=1.2, marker=single_point_marker(epochs))
         if not names:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("epoch")
@@ -55,9 +55,9 @@ def plot_curves(
         color = f"C{i % 10}"
         x = [r["epoch"] for r in evals]
         ax.plot(x, [r["val"]["projection"][key] for r in evals], color=color, label=f"{name} (projection)",
-                marker=_marker(x))
+                marker=single_point_marker(x))
         ax.plot(x, [r["val"]["full"][key] for r in evals], color=color, ls="--", lw=0.9, label=f"{name} (full)",
-                marker=_marker(x))
+                marker=single_point_marker(x))
         ax.set_ylabel(f"validation {key}")
     ax.set_xlabel("epoch")
     if logy:

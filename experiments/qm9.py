@@ -177,7 +177,7 @@ from data.qm9 import (
     target_stats,
 )
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
-from experiments.common import Diverged, exit_status, fit_seed, summarize, write_json
+from experiments.common import Diverged, fit_seed, report_diverged, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from models.schnet import GRAPH_FIELDS, SchNet
 
@@ -726,10 +726,6 @@ def run_study(args: argparse.Namespace) -> dict:
         f"{config['num_molecules_used']} molecules)\n\n" + table
     )
     print(table, flush=True)
-    for target, entry in results_targets.items():
-        for method, cell in entry.items():
-            for run in cell["diverged"]:
-                print(f"[qm9] {target} {method} seed {run['seed']}: DIVERGED ({run['error']})", flush=True)
     print(f"[qm9] wrote {out_dir / 'results.json'} in {config['wall_seconds']:.1f} s", flush=True)
     return results
 
@@ -783,4 +779,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main(sys.argv[1:])))
+    raise SystemExit(report_diverged(main(sys.argv[1:])))

@@ -2,7 +2,6 @@
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,21 +9,13 @@ import pytest
 
 import ace_jax as aj
 from experiments import nbody
-from experiments.common import Diverged, diverged_list, exit_status, fit_seed, summarize
+from experiments.common import Diverged, diverged_list, fit_seed, report_diverged, summarize
 from experiments.vmapped_seeds import fit_seeds_vmapped, make_seed_evaluator
-
-
-class Line(nn.Module):
-    @nn.compact
-    def __call__(self, x, project=False):
-        y = nn.Dense(1, use_bias=False)(x)
-        if not project:
-            y = y + aj.SymmetryBreaking(aj.MLPBranch(1), name="breaking")(x)
-        return y
+from toy_models import OddModel
 
 
 def _task():
-    model = Line()
+    model = OddModel()
 
     def loss(v, ex, rng, project):
         mse = jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)
@@ -95,7 +86,9 @@ def test_fit_seed_records_a_divergence_and_the_study_summary_voids_the_mean(caps
     assert entry["best_epoch"] == [3, None] and entry["final_gammas"] == [{"g": 0.1}, None]
     assert entry["diverged"] == diverged_list([run]) == [{"seed": bad, "error": run.error}]
     results = {"config": {}, "methods": {"vanilla": {"diverged": []}, "ace": entry}}
-    assert exit_status(results) == 1 and exit_status({"methods": {"vanilla": {"diverged": []}}}) == 0
+    capsys.readouterr()
+    assert report_diverged(results) == 1 and report_diverged({"methods": {"vanilla": {"diverged": []}}}) == 0
+    assert capsys.readouterr().out == f"methods / ace, seed {bad}: DIVERGED ({run.error})\n"
     assert summarize([0.5, 0.25]) == {"mean": 0.375, "std": pytest.approx(0.1767767, rel=1e-6)}
     # the entry is written as strict JSON: NaN -> null
     assert json.loads(json.dumps(aj.engine.strict_json(entry), allow_nan=False))["test_mse_projection"]["mean"] is None

@@ -16,17 +16,7 @@ import optax
 import pytest
 
 import ace_jax as aj
-
-
-class OddModel(nn.Module):
-    """Equivariant part odd in x (sign-flip group); the branch may add a bias."""
-
-    @nn.compact
-    def __call__(self, x, project=False):
-        y = nn.Dense(1, use_bias=False)(x)
-        if not project:
-            y = y + aj.SymmetryBreaking(aj.MLPBranch(1), name="breaking")(x)
-        return y
+from toy_models import OddModel
 
 
 def _data(n=256, seed=0, bias=0.5):

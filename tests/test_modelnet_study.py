@@ -226,7 +226,7 @@ def test_a_method_whose_every_seed_diverges_is_recorded(tmp_path, monkeypatch):
     # both seeds listed as diverged (no plot of a history that does not exist), and exit status 1
     import ace_jax
     from experiments import modelnet
-    from experiments.common import exit_status
+    from experiments.common import report_diverged
 
     def diverge(task, train, val, test, method, config):
         raise ace_jax.NonFiniteError(f"non-finite loss at step 0 (epoch 0), seed {config.seed}")
@@ -238,4 +238,4 @@ def test_a_method_whose_every_seed_diverges_is_recorded(tmp_path, monkeypatch):
     assert all(entry[m] == {"mean": None, "std": None} for m in METRICS)
     assert "diverged" in (tmp_path / "table.md").read_text()
     assert not (tmp_path / "gamma_clean_ace.png").exists() and (tmp_path / "curves_clean.png").is_file()
-    assert exit_status(results) == 1
+    assert report_diverged(results) == 1
