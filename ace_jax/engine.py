@@ -605,8 +605,10 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
         return
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differ)
-        raise _cannot_resume(path, f"it was written under other settings ({what}); rerun with the checkpoint's "
-                                   "settings to continue it")
+        why = (" (a learning-rate or γ schedule, or a custom optimizer, depends on the total epochs, so a "
+               "longer run is not this one continued)" if differ == ["epochs"] else "")
+        raise _cannot_resume(path, f"it was written under other settings ({what}){why}; rerun with the "
+                                   "checkpoint's settings to continue it")
 
 
 def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.cache import read_cache
 from data.pointcloud import normalize_to_unit_sphere, stratified_holdout
 
 TEXT_LAYOUT_DIR = "modelnet40_normal_resampled"
@@ -153,11 +154,10 @@ def _load_text_layout_cached(root: Path, num_points: int, cache_dir: Path):
     key = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()[:16]
     cache_file = cache_dir / f"modelnet40_text_{num_points}pts_{key}.npz"
     if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as stored:
-            return (
-                stored["train_points"], stored["train_labels"],
-                stored["test_points"], stored["test_labels"], [str(n) for n in stored["class_names"]],
-            )
+        return read_cache(cache_file, lambda stored: (
+            stored["train_points"], stored["train_labels"],
+            stored["test_points"], stored["test_labels"], [str(n) for n in stored["class_names"]],
+        ))
     raw = _load_text_layout(root, num_points)
     cache_dir.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
@@ -186,7 +186,10 @@ def _load_text_layout(root: Path, num_points: int):
             file = root / class_name / f"{sample}.txt"
             if not file.is_file():
                 raise FileNotFoundError(f"sample file {file} listed in modelnet40_{split}.txt is missing")
-            rows = np.loadtxt(file, delimiter=",", max_rows=num_points, usecols=(0, 1, 2), ndmin=2)
+            try:
+                rows = np.loadtxt(file, delimiter=",", max_rows=num_points, usecols=(0, 1, 2), ndmin=2)
+            except ValueError as error:  # name the one bad file of the ~12 000
+                raise ValueError(f"{file}: {error}") from error
             if rows.shape[0] < num_points:
                 raise ValueError(f"{file} has only {rows.shape[0]} points, fewer than num_points={num_points}")
             points.append(rows)

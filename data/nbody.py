@@ -50,10 +50,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from data.cache import read_cache
 
 NUM_PARTICLES = 5
 NUM_DIMS = 3
@@ -367,9 +368,11 @@ def _build_task_cache(path: Path, seed: int, field: float) -> None:
             arrays[f"{split}_vel{frame}"] = data[split]["vel"][:, frame]
         arrays[f"{split}_charges"] = data[split]["charges"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    # a per-process name opened normally (the umask's permissions, as the other caches; mkstemp's
+    # 0600 would lock other users out of a shared cache folder)
+    tmp_name = str(path.with_name(f"{path.name}.{os.getpid()}.tmp"))
     try:
-        with os.fdopen(handle, "wb") as tmp_file:
+        with open(tmp_name, "wb") as tmp_file:
             np.savez(tmp_file, **arrays)
         os.replace(tmp_name, path)
     except BaseException:
@@ -406,13 +409,16 @@ def load_task(split: str, num=None, field: float = 0.0, cache_dir=None, seed: in
     path = cache_path(cache_dir, seed, field)
     if not path.exists():
         _build_task_cache(path, int(seed), field)
-    with np.load(path) as cached:
+    def read(cached):
         if int(cached.get("format_version", -1)) != _CACHE_FORMAT_VERSION:
-            raise ValueError(f"cache file {path} has an unknown format; delete it to regenerate")
-        loc = cached[f"{split}_loc{INPUT_FRAME}"][:num]
-        vel = cached[f"{split}_vel{INPUT_FRAME}"][:num]
-        target = cached[f"{split}_loc{TARGET_FRAME}"][:num]
-        charges = cached[f"{split}_charges"][:num]
+            return None
+        return (cached[f"{split}_loc{INPUT_FRAME}"][:num], cached[f"{split}_vel{INPUT_FRAME}"][:num],
+                cached[f"{split}_loc{TARGET_FRAME}"][:num], cached[f"{split}_charges"][:num])
+
+    arrays = read_cache(path, read)
+    if arrays is None:
+        raise ValueError(f"cache file {path} has an unknown format; delete it to regenerate")
+    loc, vel, target, charges = arrays
     return {
         "loc": loc.transpose(0, 2, 1).astype(np.float32),
         "vel": vel.transpose(0, 2, 1).astype(np.float32),

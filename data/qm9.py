@@ -34,6 +34,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from data.cache import read_cache
+
 HARTREE_TO_EV = 27.211386246
 """eV per Hartree (CODATA 2018)."""
 
@@ -329,8 +331,7 @@ def load_qm9(cache_dir=None, csv_paths=None) -> dict[str, np.ndarray]:
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     cache_file = cache_dir / f"qm9_{_cache_key(paths)}.npz"
     if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        return read_cache(cache_file, lambda archive: {key: archive[key] for key in archive.files})
     dataset = parse_csv(paths)
     cache_dir.mkdir(parents=True, exist_ok=True)
     temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")

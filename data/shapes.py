@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from data.cache import read_cache
 from data.pointcloud import normalize_to_unit_sphere
 
 # Bump when the generator changes, so stale caches are not reused.
@@ -701,10 +702,15 @@ def make_shapes(
         f"_points{num_points}_seed{seed}_noise{noise_std!r}.npz"
     )
     if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as stored:
-            if tuple(stored["class_names"]) == SHAPE_CLASS_NAMES:
-                data = {s: (stored[f"{s}_points"], stored[f"{s}_labels"]) for s in _SPLITS}
-                return {**data, "class_names": list(SHAPE_CLASS_NAMES)}
+        def read(stored):
+            if tuple(stored["class_names"]) != SHAPE_CLASS_NAMES:
+                return None  # written by another generator version: regenerate
+            return {**{s: (stored[f"{s}_points"], stored[f"{s}_labels"]) for s in _SPLITS},
+                    "class_names": list(SHAPE_CLASS_NAMES)}
+
+        data = read_cache(cache_file, read)
+        if data is not None:
+            return data
 
     data = _generate(counts, num_points, seed, noise_std)
     cache_dir.mkdir(parents=True, exist_ok=True)

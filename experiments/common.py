@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -72,13 +74,14 @@ def report_diverged(results: Any) -> int:
 
 def summarize(values: Sequence[float]) -> dict:
     """``{"mean", "std"}`` over seeds: the sample standard deviation (n − 1 in the denominator,
-    the usual "mean ± std over seeds"; 0 for one seed). A non-finite value (a diverged seed)
-    makes both NaN, which :func:`write_json` writes as null: no mean is reported rather than
-    one over the surviving seeds; the per-seed lists keep every value."""
+    the usual "mean ± std over seeds"). One seed has no sample std: its ``std`` is NaN, which
+    :func:`write_json` writes as null beside a finite mean. A non-finite value (a diverged seed)
+    makes both NaN (null): no mean is reported rather than one over the surviving seeds; the
+    per-seed lists keep every value."""
     arr = np.asarray(list(values), np.float64)
     if arr.size == 0:
         raise ValueError("summarize: no values")
-    std = float(arr.std(ddof=1)) if arr.size > 1 else (0.0 if np.all(np.isfinite(arr)) else float("nan"))
+    std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
     return {"mean": float(arr.mean()), "std": std}
 
 
@@ -92,6 +95,29 @@ def preset_run_settings(preset: Any, **extra: Any) -> dict:
     skip = ("seeds", "methods", "epochs", "eval_batch_size")
     fields = {k: v for k, v in dataclasses.asdict(preset).items() if k not in skip}
     return {**fields, **extra}
+
+
+def array_digest(arrays: Any) -> str:
+    """A short SHA-256 of a pytree of arrays (dtype, shape and bytes of every leaf, in a fixed
+    order): what a run's ``run_settings`` records of its data, so that a rerun into the same
+    folder never resumes a checkpoint trained on other data that merely has the same name."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key in sorted(value):
+                digest.update(str(key).encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        else:
+            arr = np.ascontiguousarray(np.asarray(value))
+            digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+            digest.update(arr.tobytes())
+
+    add(arrays)
+    return digest.hexdigest()[:16]
 
 
 def parse_list(text: str | None, known: Sequence[str], what: str) -> list[str]:
@@ -144,9 +170,20 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def fmt(mean_std: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
-    """``"3.81e-03 ± 6.0e-05"`` style cell (scale multiplies both)."""
-    m, s = mean_std["mean"] * scale, mean_std["std"] * scale
-    return f"{m:.{digits}g} ± {s:.2g}"
+    """``"3.81e-03 ± 6.0e-05"`` style cell (scale multiplies both); see :func:`mean_std_cell`."""
+    return mean_std_cell(mean_std, scale, f".{digits}g", ".2g")
+
+
+def mean_std_cell(mean_std: Mapping[str, Any], scale: float = 1.0, mean_spec: str = ".3g",
+                  std_spec: str = ".2g") -> str:
+    """A table cell for a :func:`summarize` entry (read back from JSON or not): ``"m ± s"``,
+    ``"m (one seed)"`` when there is no sample std, ``"no mean (diverged)"`` when a seed diverged."""
+    mean, std = mean_std.get("mean"), mean_std.get("std")
+    if mean is None or not math.isfinite(mean):
+        return "no mean (diverged)"
+    if std is None or not math.isfinite(std):
+        return f"{mean * scale:{mean_spec}} (one seed)"
+    return f"{mean * scale:{mean_spec}} ± {std * scale:{std_spec}}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

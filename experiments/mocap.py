@@ -56,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import ace_jax
-from data.mocap import MocapData, load_mocap
-from experiments.common import (Diverged, add_study_args, fit_seed, markdown_table, parse_list, report_diverged,
-                                summarize, write_json)
+from data.mocap import DEFAULT_MOCAP_PATH, MocapData, load_mocap
+from experiments.common import (Diverged, add_study_args, array_digest, fit_seed, markdown_table, mean_std_cell,
+                                parse_list, report_diverged, summarize, write_json)
 from experiments.plotting import plot_curves, plot_trajectories
 from models.egno import EGNO
 
@@ -240,10 +240,17 @@ def _train_config(config: StudyConfig, method: str, seed: int, out_dir: Path, pr
         eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         select_on=select_on(method), select_metric=SELECT_METRIC, select_mode="min",
         seed=seed, out_dir=str(out_dir), progress=progress, data_parallel=False,
-        # what else a checkpoint depends on: the model and data settings (not how many seeds run)
-        run_settings={**{k: v for k, v in dataclasses.asdict(config).items() if k not in ("seeds", "eval_batch_size")},
+        # what else a checkpoint depends on: the model and data settings (not how many seeds run;
+        # ``epochs`` is the engine's to judge, so a finished run can be extended)
+        run_settings={**{k: v for k, v in dataclasses.asdict(config).items()
+                         if k not in ("seeds", "eval_batch_size", "epochs")},
                       "data": data_name},
     )
+
+
+def study_method(name: str, config: StudyConfig) -> ace_jax.Method:
+    """The engine's method ``name`` with this study's options (``alpha`` for ``ace-resilient``)."""
+    return ace_jax.get_method(name, alpha=config.alpha) if name == "ace-resilient" else ace_jax.get_method(name)
 
 
 def select_on(method: str) -> str:
@@ -311,13 +318,15 @@ def run_study(
 
     results: dict[str, dict] = {}
     histories: dict[str, list] = {}
-    data_name = Path(data_path).name if data_path is not None else "shipped"
+    # the file's name and a hash of the arrays trained and evaluated on (not the name alone)
+    file_name = Path(DEFAULT_MOCAP_PATH if data_path is None else data_path).name
+    data_name = f"{file_name}, arrays {array_digest([train, val, test])}"
     for method in methods:
         per_seed = []
         for seed in range(first_seed, first_seed + config.seeds):
             run_dir = out / method / f"seed{seed}"
             train_config = _train_config(config, method, seed, run_dir, progress, data_name)
-            fit = fit_seed(lambda: ace_jax.fit(task, train, val, test, method, train_config), seed)
+            fit = fit_seed(lambda: ace_jax.fit(task, train, val, test, study_method(method, config), train_config), seed)
             if isinstance(fit, Diverged):  # recorded; its NaN voids the method's mean (summarize)
                 per_seed.append({"method": method, "seed": seed, "diverged": fit.error})
                 continue
@@ -385,7 +394,7 @@ def results_table(report: Mapping[str, Any]) -> str:
     rows = []
 
     def cell(entry):
-        return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+        return mean_std_cell(entry, 1.0, ".2f", ".2f")
 
     labels = [
         ("vanilla", "test_mse_projection", "EGNO (vanilla, equivariant)", "vanilla"),

@@ -160,14 +160,16 @@ import optax
 
 from ace_jax import METHOD_NAMES, Task, TrainConfig, fit, gammas, get_method, named_leaves, random_rotation, rotate_points
 from data.pointcloud import random_rotations, rotate
-from experiments.common import (Diverged, add_study_args, fit_seed, markdown_table, parse_list, preset_run_settings,
-                                report_diverged, summarize, write_json)
+from experiments.common import (Diverged, add_study_args, array_digest, fit_seed, markdown_table, mean_std_cell,
+                                parse_list, preset_run_settings, report_diverged, summarize, write_json)
 from models.vn_dgcnn import VNDGCNN, init_variables
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STUDIES = ("clean", "dropout")
+# The paper's SGD beside its initial rate 0.1: cosine decay to this rate, weight decay on the network.
+PAPER_SGD = {"final_learning_rate": 1e-3, "weight_decay": 1e-4}
 # How the dropout study damages a training cloud (see drop_points_jax, drop_points_to_first_jax).
 DROPOUT_RULES = ("refill", "first-point")
 METRICS = ("class_acc_projection", "instance_acc_projection", "class_acc_full", "instance_acc_full")
@@ -226,6 +228,9 @@ class Preset:
             raise ValueError(f"label_smoothing must satisfy 0 <= s < 1, got {self.label_smoothing}")
         if not self.dual_proportional >= 0:
             raise ValueError(f"dual_proportional must be >= 0, got {self.dual_proportional}")
+        if self.dropout_rule == "refill" and round(self.dropout * self.num_points) >= self.num_points:
+            raise ValueError(f"dropout {self.dropout} with the refill rule drops all {self.num_points} points; "
+                             "keep at least one")
         if self.num_points < self.k:
             raise ValueError(f"num_points ({self.num_points}) must be >= k ({self.k})")
         if not self.learning_rate > 0:
@@ -273,7 +278,8 @@ def subset_classes(data: dict, classes: tuple[str, ...] | None) -> dict:
     names = list(data["class_names"])
     missing = [c for c in classes if c not in names]
     if missing:
-        raise ValueError(f"unknown classes {missing}; the data has: {', '.join(names)}")
+        raise ValueError(f"unknown classes {missing}; the data has: {', '.join(names)} (the quick and cpu presets "
+                         "name classes of the synthetic set: with real data pass --classes all or real names)")
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes must be distinct, got {classes}")
     new_label = np.full(len(names), -1, np.int64)
@@ -310,7 +316,15 @@ def load_data(source: str, preset: Preset, cache_dir=None) -> dict:
         points, labels = raw[split]
         if len(labels) == 0:
             raise ValueError(f"the {split} split is empty; raise its size or use more classes")
+        counts = np.bincount(np.asarray(labels), minlength=len(raw["class_names"]))
+        if np.any(counts == 0):  # class accuracy would silently average over fewer classes than the model has
+            empty = [raw["class_names"][i] for i in np.flatnonzero(counts == 0)]
+            raise ValueError(f"the {split} split has no cloud of class(es) {', '.join(empty)}; drop them with "
+                             "--classes or supply more data")
         points = np.asarray(points, np.float32)
+        if not np.all(np.isfinite(points)):
+            bad = np.flatnonzero(~np.isfinite(points).all(axis=(1, 2)))
+            raise ValueError(f"the {split} split has non-finite coordinates in cloud(s) {bad[:10].tolist()}")
         if split != "train":
             rotations = random_rotations(np.random.default_rng([preset.data_seed, index]), len(points))
             points = rotate(points, rotations).astype(np.float32)
@@ -529,7 +543,8 @@ def plot_train_loss(histories: dict, path: Path, title: str) -> None:
         ax.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], color=f"C{i}", label=name,
                 marker=single_point_marker(history))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (smoothed CE)")
+    # the logged objective: the smoothed cross-entropy, plus β·ℓ(Q·x) for the penalty method
+    ax.set_ylabel("training objective (smoothed CE" + (" + penalty" if "penalty" in histories else "") + ")")
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:  # nothing to label when every run diverged
         ax.legend(fontsize=7)
@@ -556,6 +571,7 @@ def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=
     t_start = time.perf_counter()
     data = load_data(source, preset, cache_dir)
     num_classes = len(data["class_names"])
+    data_digest = array_digest([data[s] for s in ("train", "val", "test")])  # the numbers, not just the path
     model = build_model(preset, num_classes)
     # Shared by all runs: jax.jit reuses the compiled program for equal variable trees.
     predictors = {p: make_predictor(model, p, preset.eval_batch_size) for p in (True, False)}
@@ -568,7 +584,8 @@ def run_study(preset: Preset, out_dir: Path, source: str = "synthetic", studies=
         runs[study], per_seed[study], timing[study] = {}, {}, {}
         histories = {}
         for method in preset.methods:
-            settings = preset_run_settings(preset, data=source, study=study, dropout_fraction=fraction,
+            settings = preset_run_settings(preset, data=source, data_arrays=data_digest, study=study,
+                                           dropout_fraction=fraction,
                                            class_names=list(data["class_names"]),
                                            split_sizes={s: int(len(data[s]["label"])) for s in ("train", "val", "test")})
             records = [run_one(task, data, method, preset, seed, out_dir / "runs" / study / method / f"seed{seed}",
@@ -617,7 +634,7 @@ def results_table(results: dict) -> str:
     rows = []
     for study, methods in results["runs"].items():
         for method, r in methods.items():
-            cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}" for m in METRICS]
+            cells = [mean_std_cell(r[m], 100, ".1f", ".1f") for m in METRICS]
             epoch = results["config"]["timing"][study][method]["epoch_seconds"]
             if r["diverged"]:
                 cells[0] += f" (seed(s) {', '.join(str(d['seed']) for d in r['diverged'])} diverged)"
@@ -647,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dual-proportional", type=float, default=None,
                         help="gain of the proportional (damping) term of the dual update; 0 = plain ascent")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
-                        help="primal optimizer: 'adam' or 'sgd' (momentum 0.9, cosine decay, as the paper)")
+                        help="primal optimizer: 'adam' or 'sgd' (momentum 0.9, cosine decay, as the paper; switching an "
+                             "Adam preset to sgd takes the paper's final rate 1e-3 and weight decay 1e-4 unless "
+                             "--final-learning-rate / --weight-decay are given)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="primal learning rate (the initial one with sgd; default: the preset's)")
     parser.add_argument("--final-learning-rate", type=float, default=None,
@@ -662,7 +681,7 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     """The Preset named by ``--preset`` with the command line's overrides (SystemExit on a bad one)."""
     preset = PRESETS[args.preset]
     changes = {}
-    if args.methods is not None:
+    if args.methods:  # "" keeps the preset's methods, as in the other studies
         changes["methods"] = tuple(parse_list(args.methods, SUPPORTED_METHODS, "methods"))
     for name in ("seeds", "epochs"):
         value = getattr(args, name)
@@ -692,6 +711,9 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         if args.optimizer == "adam":  # the preset's SGD-only settings do not carry over (given explicitly, they fail)
             changes.setdefault("weight_decay", 0.0)
             changes.setdefault("final_learning_rate", None)
+        else:  # from an Adam preset: the paper's SGD (cosine decay to 1e-3, weight decay 1e-4) unless given
+            changes.setdefault("weight_decay", PAPER_SGD["weight_decay"])
+            changes.setdefault("final_learning_rate", PAPER_SGD["final_learning_rate"])
     if args.classes is not None:
         changes["classes"] = None if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip())
     try:

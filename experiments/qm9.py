@@ -307,6 +307,9 @@ def build_model(model_name: str, settings: QM9Settings):
     per layer.
     """
     if model_name == "schnet":
+        if settings.parameterization != "fan_in":
+            raise ValueError(f"parameterization {settings.parameterization!r} applies to SEGNN; SchNet's layers are "
+                             "Flax Dense layers (leave it at 'fan_in')")
         if settings.branch_rank is not None:
             raise ValueError("branch_rank applies to SEGNN; SchNet's branch is a small MLP on the coordinates")
         scale = {} if settings.branch_init_scale is None else {"branch_init_scale": settings.branch_init_scale}
@@ -424,6 +427,12 @@ class PreparedSplits:
     test: dict
     indices: Any  # data.qm9.Split
     budget: tuple[int, int]
+
+
+def examples_per_step_used(settings: QM9Settings, num_train_examples: int) -> int:
+    """The batch a step takes: ``settings.examples_per_step``, or every training example when
+    there are fewer (a tiny subset); results.json records the value used."""
+    return min(settings.examples_per_step, num_train_examples)
 
 
 def prepare_splits(dataset: dict, settings: QM9Settings, split_seed: int = 0) -> PreparedSplits:
@@ -555,9 +564,12 @@ def run_target(
     model = build_model(model_name, settings)
     task = make_task(model, first_example(train), float(mad))
     num_examples = len(train["weight"])
-    batch_size = min(settings.examples_per_step, num_examples)
+    batch_size = examples_per_step_used(settings, num_examples)
     total_steps = settings.epochs * (num_examples // batch_size)
-    run_settings = {"model": model_name, "settings": dataclasses.asdict(settings), "target": target,
+    # ``epochs`` is the engine's to judge: a run without lr decay may be extended; with decay (a
+    # schedule over the total) the engine refuses
+    run_settings = {"model": model_name, "target": target,
+                    "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "epochs"},
                     "split_sizes": [len(p) for p in splits.indices], "data": data_fingerprint(values, splits)}
     entry, details, histories = {}, {}, {}
     for method in methods:
@@ -702,6 +714,8 @@ def run_study(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         **dataclasses.asdict(settings),
         "molecules_per_step": settings.molecules_per_step,
+        # what a step actually took: fewer training examples than examples_per_step make it smaller
+        "examples_per_step_used": examples_per_step_used(settings, len(splits.train["graph_mask"])),
         "targets": targets,
         "methods": methods,
         "seeds": seeds,

@@ -246,3 +246,22 @@ def test_bad_inputs_raise_clear_errors():
         model.init(jax.random.PRNGKey(0), loc, vel, features(loc, vel), edges.T, edge_attr)
     with pytest.raises(ValueError, match="node_features"):
         model.init(jax.random.PRNGKey(0), loc, vel, features(loc, vel)[:5], edges, edge_attr)
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_relabelling_the_joints_permutes_the_prediction(setup, project):
+    # Joint j of the relabelled skeleton is joint perm[j] of the original; the edge list is
+    # renumbered and shuffled. The branches act per joint, so the full model is permutation
+    # equivariant too.
+    model, variables, (loc, vel), edges, edge_attr = setup
+    rng = np.random.default_rng(4)
+    perm = rng.permutation(NUM_JOINTS)
+    new_index = np.argsort(perm)  # old joint -> its new label
+    order = rng.permutation(len(edges))
+    edges_p = jnp.asarray(new_index[np.asarray(edges)][order])
+    attr_p = jnp.asarray(np.asarray(edge_attr)[order])
+    out = apply_model(model, variables, loc, vel, features(loc, vel), edges, edge_attr, project)
+    loc_p, vel_p = loc[perm], vel[perm]
+    out_p = apply_model(model, variables, loc_p, vel_p, features(loc_p, vel_p), edges_p, attr_p, project)
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out)[:, perm], rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(out - out[:, perm]))) > 1e-3  # the joints' predictions do differ

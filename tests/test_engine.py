@@ -433,3 +433,90 @@ def test_a_branch_method_on_a_model_without_gamma_is_a_clear_error():
         with pytest.raises(ValueError, match=f"'{name}' {what} γ but the model has no 'gamma'"):
             aj.fit(task, data, data, None, name, _config(epochs=1))
     assert aj.fit(task, data, data, None, "vanilla", _config(epochs=1)).best_epoch == 0
+
+
+def _one_step(method, **config):
+    """(state before, state after) of one step of the engine's own trainer on the odd toy task."""
+    data = _data(32)
+    state, step = aj.make_trainer(_task(), method, _config(**config), jax.random.PRNGKey(0), jax.random.PRNGKey(1))
+    new, metrics = step(state, {"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])})
+    assert bool(metrics["applied"])
+    return state, new
+
+
+def _only(tree):
+    (leaf,) = jax.tree.leaves(tree)
+    return float(leaf)
+
+
+def test_the_configs_dual_and_slack_rates_and_the_multiplier_sign_reach_the_step():
+    # γ starts at 1, λ at 0; every dual/slack update reads the state before the step.
+    # ace: λ₁ = 0 + η_λ·γ₀ = 0.5 (not the primal rate 1e-3).
+    before, after = _one_step("ace", learning_rate=1e-3, dual_learning_rate=0.5)
+    assert _only(before.gamma) == 1.0 and _only(after.multipliers) == pytest.approx(0.5)
+    # Adam on the dual: its first step is ≈ η_λ·sign(γ₀)
+    _, after = _one_step("ace", learning_rate=1e-3, dual_learning_rate=0.5, dual_optimizer="adam")
+    assert _only(after.multipliers) == pytest.approx(0.5, rel=1e-3)
+    # ace-resilient (α = 1): u₁ = u₀ − η_u (α u₀ − λ₀) = 1 − 0.3 = 0.7; λ₁ = [0 + 0.1 (|γ₀| − u₀)]₊ = 0
+    _, after = _one_step("ace-resilient", dual_learning_rate=0.1, slack_learning_rate=0.3, slack_init=1.0)
+    assert _only(after.slacks) == pytest.approx(0.7) and _only(after.multipliers) == 0.0
+    # ace-inequality, ε = 2: c = |γ₀| − ε = −1, so λ₁ = [0 − 0.1]₊ = 0, never negative
+    _, after = _one_step(aj.get_method("ace-inequality", epsilon=2.0), dual_learning_rate=0.1)
+    assert _only(after.multipliers) == 0.0
+    # ε = 0.5: c = 0.5 > 0, λ₁ = 0.05
+    _, after = _one_step(aj.get_method("ace-inequality", epsilon=0.5), dual_learning_rate=0.1)
+    assert _only(after.multipliers) == pytest.approx(0.05)
+
+
+def test_the_test_split_is_evaluated_on_the_selected_epochs_variables():
+    # the test split equals the validation split: the reported test scores must be the selected
+    # epoch's validation scores exactly (not the final state's, when the best epoch is earlier)
+    import dataclasses
+
+    base = _task()
+    mse = lambda v, ex, project: base.loss(v, ex, None, project)  # noqa: E731
+    task = dataclasses.replace(base, metric=lambda v, ex, project: -mse(v, ex, project) if project else mse(v, ex, project))
+    data = _data()
+    res = aj.fit(task, data, data, data, "ace", _config(epochs=5))
+    assert res.best_epoch < 4  # an earlier epoch than the last is selected here
+    assert res.test == res.history[res.best_epoch]["val"] == res.val
+
+
+def test_select_mode_max_selects_the_largest_validation_score():
+    import dataclasses
+
+    base = _task()
+    mse = lambda v, ex, project: base.loss(v, ex, None, project)  # noqa: E731
+    task = dataclasses.replace(base, metric=lambda v, ex, project: -mse(v, ex, project))
+    data = _data()
+    res = aj.fit(task, data, data, None, "ace", _config(epochs=5, select_mode="max"))
+    scores = [r["val"]["projection"]["metric"] for r in res.history]
+    assert int(np.argmax(scores)) != int(np.argmin(scores))
+    assert res.best_epoch == int(np.argmax(scores))
+
+
+@pytest.mark.parametrize("changed", [
+    dict(dual_learning_rate=1e-2), dict(slack_learning_rate=0.5), dict(dual_optimizer="adam"),
+    dict(dual_proportional=1.0), dict(weight_decay=1e-4), dict(grad_clip=1.0), dict(slack_init=0.5),
+    dict(eval_every=2), dict(select_mode="max"), dict(method=aj.get_method("ace-resilient", alpha=2.0)),
+])
+def test_resume_refuses_every_other_trajectory_setting(tmp_path, changed):
+    data = _data(64)
+    out = str(tmp_path / "run")
+    aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=out))
+    changed = dict(changed)
+    method = changed.pop("method", "ace-resilient")
+    name = "method" if not changed else next(iter(changed))
+    with pytest.raises(ValueError, match=f"other settings .*{name}: checkpoint"):
+        aj.fit(_task(), data, data, data, method, _config(epochs=2, out_dir=out, **changed))
+
+
+def test_evaluation_leaves_padding_out_of_the_mean():
+    # make_evaluator pads 5 examples to two batches of 4 with copies of the first (x = 1): the
+    # mean of x = 1..5 is 3.0 (the padding counted would give (15 + 3)/5 = 3.6 or 18/8 = 2.25)
+    task = aj.Task(init=lambda k, b: {"params": {}}, loss=lambda v, ex, r, p: ex["x"],
+                   metric=lambda v, ex, p: ex["x"])
+    data = {"x": np.arange(1.0, 6.0, dtype=np.float32)}
+    evaluate = aj.engine.make_evaluator(task, 4)
+    scores = evaluate({"params": {}}, data, True)
+    assert scores == {"metric": pytest.approx(3.0)}

@@ -8,7 +8,7 @@ import numpy as np
 
 import pytest
 
-from experiments.common import add_study_args, parse_list, summarize, write_json
+from experiments.common import add_study_args, mean_std_cell, parse_list, summarize, write_json
 
 
 def test_write_json_is_strict_json_for_nan_and_inf(tmp_path):
@@ -23,7 +23,8 @@ def test_write_json_is_strict_json_for_nan_and_inf(tmp_path):
 
 def test_summarize_reports_no_mean_when_a_seed_diverged():
     assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0)}  # sample std (n - 1)
-    assert summarize([0.004]) == {"mean": 0.004, "std": 0.0}
+    one = summarize([0.004])  # one seed: a mean, no sample std (null in JSON, not 0)
+    assert one["mean"] == 0.004 and math.isnan(one["std"])
     assert math.isnan(summarize([float("inf")])["std"])
     out = summarize([0.004, float("nan"), 0.005])
     assert math.isnan(out["mean"]) and math.isnan(out["std"])
@@ -42,3 +43,12 @@ def test_study_lists_and_counts_refuse_empty_repeated_and_negative_values():
     for flags in (["--seed", "-1"], ["--seeds", "0"], ["--epochs", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--out", "x", *flags])
+
+
+def test_table_cells_name_one_seed_and_diverged_runs_instead_of_printing_zero_or_nan():
+    assert mean_std_cell({"mean": 0.0039, "std": 6e-5}) == "0.0039 ± 6e-05"
+    assert mean_std_cell(summarize([0.004])) == "0.004 (one seed)"
+    assert mean_std_cell({"mean": 0.004, "std": None}) == "0.004 (one seed)"  # as read back from JSON
+    assert mean_std_cell(summarize([0.004, float("nan")])) == "no mean (diverged)"
+    assert mean_std_cell({"mean": None, "std": None}) == "no mean (diverged)"
+    assert mean_std_cell({"mean": 0.921, "std": 0.015}, 100, ".1f", ".1f") == "92.1 ± 1.5"

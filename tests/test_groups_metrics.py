@@ -111,3 +111,17 @@ def test_equivariance_bound_holds_for_a_random_two_layer_model():
     rots = list(random_orthogonal(keys[3], (16,)))
     worst = max(float(equivariance_error(f, x, [r], act, act)) for r in rots)
     assert 0.0 < worst <= equivariance_bound(gammas, lipschitz, branch_bound)
+
+
+def test_equivariance_error_averages_over_nodes_and_group_elements_as_method_md_states():
+    # f = |x| on two points on the x axis. Under g = −I: f(g·x) − g·f(x) = 2|x|, norms 2 and 4 (node
+    # mean 3); under g = I the error is 0; mean over g: 1.5 (a max over nodes or elements gives 4).
+    from ace_jax import relative_equivariance_error
+
+    x = jnp.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    elements = [-jnp.eye(3), jnp.eye(3)]
+    act = lambda g, y: rotate_points(y, g)  # noqa: E731
+    assert float(equivariance_error(jnp.abs, x, elements, act, act)) == pytest.approx(1.5)
+    assert float(equivariance_error(jnp.abs, x, elements[:1], act, act)) == pytest.approx(3.0)
+    # relative: divided by the mean norm of f(x), (1 + 2) / 2
+    assert float(relative_equivariance_error(jnp.abs, x, elements, act, act)) == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ace_jax
+from ace_jax.engine import strict_json
 from data.mocap import DEFAULT_MOCAP_PATH, load_mocap
 from experiments import mocap as study
 from models.egno import EGNO
@@ -31,7 +32,7 @@ def test_tiny_study_writes_the_results_schema(tmp_path):
     methods = ["vanilla", "ace-resilient"]
     report = study.run_study(tmp_path, "quick", methods=methods, seeds=1, epochs=2, progress=False, overrides=TINY)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk == strict_json(report)
     assert set(on_disk) == {"config", "unit", "methods"}
     assert on_disk["unit"] == "1e-2"
     assert list(on_disk["methods"]) == methods
@@ -42,7 +43,7 @@ def test_tiny_study_writes_the_results_schema(tmp_path):
         assert set(entry) == METHOD_KEYS, name
         for key in ("test_mse_projection", "test_mse_full"):
             assert set(entry[key]) == {"mean", "std"}
-            assert np.isfinite(entry[key]["mean"]) and entry[key]["std"] == 0.0  # one seed
+            assert np.isfinite(entry[key]["mean"]) and entry[key]["std"] is None  # one seed: no sample std
         assert len(entry["best_epoch"]) == 1 and 0 <= entry["best_epoch"][0] < 2
         assert entry["wall_s"] > 0
         summary = json.loads((tmp_path / name / "seed0" / "summary.json").read_text())
@@ -126,3 +127,61 @@ def test_benchmark_case_gives_the_paper_model_and_a_real_batch(data):
     assert "gamma" not in jax.eval_shape(lambda k: task.init(k, False), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="batch"):
         study.benchmark_case(0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_fit_call(monkeypatch, tmp_path, method, **kwargs):
+    """(method, TrainConfig) of the study's first ``ace_jax.fit`` call (the fit itself is stopped)."""
+    seen = {}
+
+    def fake_fit(task, train, val, test, method_arg, config):
+        seen["method"], seen["config"] = method_arg, config
+        raise _Stop
+
+    monkeypatch.setattr(ace_jax, "fit", fake_fit)
+    with pytest.raises(_Stop):
+        study.run_study(tmp_path / "out", "quick", methods=[method], seeds=1, epochs=1, progress=False,
+                        overrides={**TINY, **kwargs.pop("overrides", {})}, **kwargs)
+    return seen["method"], seen["config"]
+
+
+def test_the_resilient_slack_cost_alpha_reaches_the_engine(monkeypatch, tmp_path):
+    method, _ = _first_fit_call(monkeypatch, tmp_path, "ace-resilient", overrides={"alpha": 0.1})
+    assert method.name == "ace-resilient" and method.formulation.alpha == 0.1
+    method, _ = _first_fit_call(monkeypatch, tmp_path, "ace-resilient")
+    assert method.formulation.alpha == study.PRESETS["quick"].alpha
+
+
+def test_a_checkpoint_is_tied_to_the_data_arrays_not_to_the_file_name(monkeypatch, tmp_path):
+    with np.load(DEFAULT_MOCAP_PATH) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "a" / "run.npz", **arrays)
+    arrays["trial_01"] = arrays["trial_01"] * np.float32(1.01)  # a training trial, same name and shapes
+    np.savez(tmp_path / "b" / "run.npz", **arrays)
+    settings = {}
+    for source in (None, DEFAULT_MOCAP_PATH, tmp_path / "a" / "run.npz", tmp_path / "b" / "run.npz"):
+        _, config = _first_fit_call(monkeypatch, tmp_path, "ace", data_path=source)
+        settings[str(source)] = config.run_settings["data"]
+    values = list(settings.values())
+    assert values[0] == values[1]  # the shipped file, named or not, is the same data
+    assert values[2].startswith("run.npz") and values[3].startswith("run.npz")
+    assert values[2] != values[3]  # same name, other numbers: another checkpoint
+    assert values[2].split("arrays")[1] == values[0].split("arrays")[1]  # same arrays, other name
+
+
+def test_a_finished_run_is_extended_by_a_longer_epochs(tmp_path):
+    # MoCap has no learning-rate schedule: 1 epoch then 2 equals an uninterrupted 2-epoch run
+    # (the engine's rule), so a longer --epochs continues the checkpoint instead of refusing it.
+    run = partial(study.run_study, tmp_path, "quick", methods=["vanilla"], seeds=1, progress=False, overrides=TINY)
+    run(epochs=1)
+    log = tmp_path / "vanilla" / "seed0" / "log.jsonl"
+    first_epoch = log.read_text().splitlines()
+    run(epochs=2)
+    lines = log.read_text().splitlines()
+    assert lines[: len(first_epoch)] == first_epoch and len(lines) > len(first_epoch)  # epoch 0 kept, epoch 1 added
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]

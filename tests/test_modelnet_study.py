@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ace_jax.engine import strict_json
 from experiments.modelnet import (
     METRICS, Preset, accuracies, build_parser, drop_points_jax, drop_points_to_first_jax, main, make_task,
-    preset_from_args, primal_optimizer, run_study, subset_classes,
+    load_data, preset_from_args, primal_optimizer, run_study, subset_classes,
 )
 
 
@@ -140,12 +141,12 @@ def test_tiny_run_writes_the_schema(tmp_path):
     assert set(entry) == {*METRICS, "diverged"} and entry["diverged"] == []
     for metric in METRICS:
         assert set(entry[metric]) == {"mean", "std"}
-        assert 0.0 <= entry[metric]["mean"] <= 1.0 and entry[metric]["std"] == 0.0
+        assert 0.0 <= entry[metric]["mean"] <= 1.0 and entry[metric]["std"] is None  # one seed: no sample std
         # 3 test clouds per class: every accuracy is a multiple of 1/6.
         assert entry[metric]["mean"] * 6 == pytest.approx(round(entry[metric]["mean"] * 6), abs=1e-6)
     assert stored["config"]["studies"] == {"dropout": 0.25}
     assert stored["config"]["split_sizes"] == {"train": 8, "val": 4, "test": 6}
-    assert results["runs"] == stored["runs"]
+    assert strict_json(results["runs"]) == stored["runs"]  # one seed: std NaN in memory, null on disk
     for name in ("table.md", "curves_dropout.png", "train_loss_dropout.png", "gamma_dropout_ace.png", "per_seed.json"):
         assert (tmp_path / name).is_file(), name
     per_seed = json.loads((tmp_path / "per_seed.json").read_text())["dropout"]["ace"][0]
@@ -155,7 +156,7 @@ def test_tiny_run_writes_the_schema(tmp_path):
     # rerunning into the same folder resumes the finished run (no epoch retrained: the logged
     # per-epoch wall times are the first run's) and gives the same numbers ...
     again = run_study(preset, tmp_path, studies=("dropout",), progress=False, cache_dir=tmp_path / "cache")
-    assert log_path.read_text() == log and again["runs"] == results["runs"]
+    assert log_path.read_text() == log and strict_json(again["runs"]) == strict_json(results["runs"])
     # ... and a checkpoint trained under another preset is refused, not silently continued
     with pytest.raises(ValueError, match="other settings.*learning_rate"):
         run_study(tiny_preset(dropout=0.25, learning_rate=2e-3), tmp_path, studies=("dropout",), progress=False,
@@ -219,6 +220,54 @@ def test_optimizer_options_reach_the_preset_and_are_validated():
             preset("--preset", "cpu", *bad)
     with pytest.raises(SystemExit):
         preset("--preset", "quick", "--weight-decay", "1e-4")  # Adam: no weight decay here
+    # switching the Adam preset to SGD gives the paper's SGD (cosine decay to 1e-3, weight decay 1e-4),
+    # not a constant-rate SGD without weight decay
+    sgd = preset("--preset", "quick", "--optimizer", "sgd", "--learning-rate", "0.1")
+    assert (sgd.optimizer, sgd.final_learning_rate, sgd.weight_decay) == ("sgd", 1e-3, 1e-4)
+    sgd = preset("--preset", "quick", "--optimizer", "sgd", "--learning-rate", "0.1", "--weight-decay", "0")
+    assert (sgd.final_learning_rate, sgd.weight_decay) == (1e-3, 0.0)
+
+
+def test_an_empty_methods_option_keeps_the_presets_methods():
+    def methods(*options):
+        return preset_from_args(build_parser().parse_args(["--out", "x", "--preset", "cpu", *options])).methods
+
+    assert methods("--methods", "") == methods() == ("vanilla", "ace")
+    assert methods("--methods", "ace") == ("ace",)
+
+
+def test_a_refill_dropout_that_keeps_no_point_is_refused_when_the_preset_is_built():
+    assert tiny_preset(dropout=0.9, dropout_rule="refill").dropout == 0.9  # round(14.4) = 14 of 16 dropped
+    with pytest.raises(ValueError, match="drops all 16 points"):
+        tiny_preset(dropout=0.98, dropout_rule="refill")  # round(15.68) = 16: before any training, not after
+    assert tiny_preset(dropout=0.98).dropout == 0.98  # first-point draws a fraction in U(0, P): always keeps one
+
+
+def test_a_split_missing_a_class_or_holding_non_finite_points_is_refused(monkeypatch, tmp_path):
+    import data.shapes
+
+    real = data.shapes.make_shapes
+
+    def without_test_cubes(*args, **kwargs):
+        raw = real(*args, **kwargs)
+        points, labels = raw["test"]
+        cube = raw["class_names"].index("cube")
+        return {**raw, "test": (points[labels != cube], labels[labels != cube])}
+
+    monkeypatch.setattr(data.shapes, "make_shapes", without_test_cubes)
+    with pytest.raises(ValueError, match="test split has no cloud of class.*cube"):
+        load_data("synthetic", tiny_preset(), tmp_path)
+
+    def with_nan(*args, **kwargs):
+        raw = real(*args, **kwargs)
+        points, labels = raw["val"]
+        points = np.array(points)
+        points[np.flatnonzero(labels == raw["class_names"].index("cube"))[1], 3, 0] = np.nan
+        return {**raw, "val": (points, labels)}
+
+    monkeypatch.setattr(data.shapes, "make_shapes", with_nan)
+    with pytest.raises(ValueError, match="val split has non-finite coordinates"):
+        load_data("synthetic", tiny_preset(), tmp_path)
 
 
 def test_a_method_whose_every_seed_diverges_is_recorded(tmp_path, monkeypatch):

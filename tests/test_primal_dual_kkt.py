@@ -106,3 +106,44 @@ def test_batch_may_be_any_pytree():
     x = jnp.arange(5.0)
     value, aux = lagr({"w": jnp.asarray(1.0)}, None, None, None, (x, 2.0 * x), jax.random.PRNGKey(0))
     np.testing.assert_allclose(value, np.mean(np.arange(5.0) ** 2))
+
+
+def _one_step(formulation, state_values, dual_lr, loss=lambda t, g: 0.0 * t):
+    """One jitted step from γ₀, λ₀, u₀ set by hand (primal SGD 0.1, slack step 0.1)."""
+    variables = {"params": {"theta": jnp.array(0.0)}, "gamma": {"g": jnp.array(1.0)}}
+    lagr = make_lagrangian(lambda v, ex, rng: loss(v["params"]["theta"], v["gamma"]["g"]), formulation)
+    primal = optax.sgd(0.1)
+    dual, slack = dual_ascent(dual_lr, nonnegative=formulation.nonnegative_multipliers), slack_descent(0.1)
+    state = init_train_state(variables, primal, dual, slack, formulation, learn_gamma=True)
+    state = state.replace(**{k: {"g": jnp.asarray(v, jnp.float32)} for k, v in state_values.items()})
+    step = jax.jit(make_train_step(lagr, primal, dual, slack, formulation, learn_gamma=True))
+    return step(state, {"dummy": jnp.zeros((1,))}, jax.random.PRNGKey(0))
+
+
+def test_one_resilient_step_updates_gamma_lambda_and_u_simultaneously_from_the_old_point():
+    # ℓ = 0, α = 1, γ₀ = 1, λ₀ = 0.5, u₀ = 0.2; every update reads (γ₀, λ₀, u₀):
+    #   γ₁ = γ₀ − 0.1·λ₀ sign(γ₀) = 0.95
+    #   λ₁ = [λ₀ + 0.1 (|γ₀| − u₀)]₊ = 0.58   (0.575 if it read γ₁)
+    #   u₁ = [u₀ − 0.1 (α u₀ − λ₀)]₊ = 0.23   (0.238 if it read λ₁)
+    state, metrics = _one_step(Resilient(alpha=1.0), {"gamma": 1.0, "multipliers": 0.5, "slacks": 0.2}, 0.1)
+    assert bool(metrics["applied"])
+    assert float(state.gamma["g"]) == pytest.approx(0.95, abs=1e-6)
+    assert float(state.multipliers["g"]) == pytest.approx(0.58, abs=1e-6)
+    assert float(state.slacks["g"]) == pytest.approx(0.23, abs=1e-6)
+
+
+def test_one_equality_step_from_the_old_point():
+    # ℓ = 0: γ₁ = γ₀ − 0.1 λ₀ = 1 − 0.03 = 0.97, λ₁ = λ₀ + 0.2 γ₀ = 0.5 (signed, no projection)
+    state, _ = _one_step(Equality(), {"gamma": 1.0, "multipliers": 0.3}, 0.2)
+    assert float(state.gamma["g"]) == pytest.approx(0.97, abs=1e-6)
+    assert float(state.multipliers["g"]) == pytest.approx(0.5, abs=1e-6)
+    state, _ = _one_step(Equality(), {"gamma": -1.0, "multipliers": 0.0}, 0.2)
+    assert float(state.multipliers["g"]) == pytest.approx(-0.2, abs=1e-6)
+
+
+def test_a_multiplier_that_overflows_stops_the_step_although_loss_and_gradient_are_finite():
+    # λ₀ = 0, so the Lagrangian λ·γ and its gradient are finite; λ₁ = 1e10 · 1e30 overflows float32
+    state, metrics = _one_step(Equality(), {"gamma": 1e30, "multipliers": 0.0}, 1e10)
+    assert not bool(metrics["finite"]) and not bool(metrics["applied"])
+    assert int(state.first_bad_step) == 0
+    assert float(state.multipliers["g"]) == 0.0 and float(state.gamma["g"]) == pytest.approx(1e30)

@@ -135,7 +135,7 @@ def test_tiny_study_writes_results_schema(tmp_path):
     study.main([
         "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1",
         "--targets", "zpve", "--methods", "vanilla,ace", "--features", "8", "--interactions", "1",
-        "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+        "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--examples-per-step", "4",
     ])
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "model", "targets"}
@@ -151,6 +151,8 @@ def test_tiny_study_writes_results_schema(tmp_path):
     vanilla = results["targets"]["zpve"]["vanilla"]
     assert vanilla["test_mae_projection"] == vanilla["test_mae_full"]  # no branches: full = projection
     assert results["config"]["split_sizes"] == [6, 1, 1]
+    # six training molecules make one example: the step takes 1 example, not the preset's batch
+    assert results["config"]["examples_per_step"] == 4 and results["config"]["examples_per_step_used"] == 1
     assert "zpve" in (out / "table.md").read_text()
     assert (out / "trajectories" / "zpve_ace.png").is_file()
     assert results["config"]["select_on"] == {"vanilla": "projection", "ace": "projection"}
@@ -159,7 +161,7 @@ def test_tiny_study_writes_results_schema(tmp_path):
         study.main([
             "--preset", "quick", "--out", str(out), "--csv", str(FIXTURE), "--epochs", "1",
             "--targets", "zpve", "--methods", "vanilla", "--features", "8", "--interactions", "1",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--split-seed", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--split-seed", "1", "--examples-per-step", "4",
         ])
 
 
@@ -227,6 +229,8 @@ def test_branch_rank_setting_builds_low_rank_segnn_only():
         dataclasses.replace(settings, branch_rank=0)
     with pytest.raises(ValueError, match="branch_rank applies to SEGNN"):
         study.build_model("schnet", dataclasses.replace(study.PRESETS["quick"]["schnet"], branch_rank=4))
+    with pytest.raises(ValueError, match="parameterization 'normal' applies to SEGNN"):
+        study.build_model("schnet", dataclasses.replace(study.PRESETS["quick"]["schnet"], parameterization="normal"))
 
 
 def test_branch_init_scale_setting_reaches_schnet_only():
@@ -237,3 +241,20 @@ def test_branch_init_scale_setting_reaches_schnet_only():
         dataclasses.replace(settings, branch_init_scale=-1.0)
     with pytest.raises(ValueError, match="branch_init_scale applies to SchNet"):
         study.build_model("segnn", dataclasses.replace(study.PRESETS["quick"]["segnn"], branch_init_scale=0.01))
+
+
+def test_a_finished_run_is_extended_without_lr_decay_and_refused_with_it(tmp_path):
+    def run(out, epochs, *extra):
+        return study.main([
+            "--preset", "quick", "--out", str(tmp_path / out), "--csv", str(FIXTURE), "--epochs", str(epochs),
+            "--targets", "zpve", "--methods", "vanilla", "--features", "8", "--interactions", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra,
+        ])
+
+    run("plain", 1)
+    run("plain", 2)  # continues the 1-epoch checkpoint (no schedule depends on the total)
+    log = (tmp_path / "plain" / "runs" / "zpve" / "vanilla" / "seed0" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1]
+    run("decay", 1, "--lr-decay-at", "0.5")
+    with pytest.raises(ValueError, match=r"epochs: checkpoint 1, this run 2\) \(a learning-rate or γ schedule"):
+        run("decay", 2, "--lr-decay-at", "0.5")  # the decay step moves with the total: not the same run

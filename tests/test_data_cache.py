@@ -1,0 +1,80 @@
+"""The loaders' cache files: a damaged one is named in a clear error; a new one is readable by others."""
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data.nbody as nbody
+from data.modelnet import load_modelnet40
+from data.qm9 import load_qm9
+from data.shapes import make_shapes
+
+QM9_FIXTURE = Path(__file__).parent / "fixtures" / "qm9_tiny.csv"
+
+
+def _damage(cache_dir: Path) -> Path:
+    (path,) = list(Path(cache_dir).glob("*.npz"))
+    path.write_bytes(path.read_bytes()[:100])  # a truncated write
+    return path
+
+
+def _write_text_layout(root: Path) -> Path:
+    """A two-class modelnet40_normal_resampled folder with 6 points per sample."""
+    rng = np.random.default_rng(0)
+    (root / "chair").mkdir(parents=True)
+    (root / "modelnet40_shape_names.txt").write_text("chair\n")
+    for split, count in (("train", 10), ("test", 2)):
+        names = [f"chair_{i:04d}" for i in range(count)] if split == "train" else ["chair_0100", "chair_0101"]
+        (root / f"modelnet40_{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            np.savetxt(root / "chair" / f"{name}.txt", rng.normal(size=(6, 6)), delimiter=",", fmt="%.5f")
+    return root
+
+
+@pytest.mark.parametrize("loader", ["shapes", "qm9", "modelnet_text"])
+def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, loader):
+    cache = tmp_path / "cache"
+    if loader == "shapes":
+        load = lambda: make_shapes(1, 1, 1, num_points=16, seed=0, cache_dir=cache)  # noqa: E731
+    elif loader == "qm9":
+        load = lambda: load_qm9(cache_dir=cache, csv_paths=[QM9_FIXTURE])  # noqa: E731
+    else:
+        folder = _write_text_layout(tmp_path / "modelnet40_normal_resampled")
+        load = lambda: load_modelnet40(folder, num_points=6, val_fraction=0.2, seed=0, cache_dir=cache)  # noqa: E731
+    load()
+    path = _damage(cache)
+    with pytest.raises(ValueError, match=f"cache file {path} is unreadable.*delete it"):
+        load()
+    path.unlink()
+    load()  # rebuilt
+
+
+def test_a_bad_text_sample_file_is_named(tmp_path):
+    folder = _write_text_layout(tmp_path / "modelnet40_normal_resampled")
+    bad = folder / "chair" / "chair_0003.txt"
+    bad.write_text(bad.read_text().replace(",", " ", 3))
+    with pytest.raises(ValueError, match="chair_0003.txt: "):
+        load_modelnet40(folder, num_points=6, val_fraction=0.2, seed=0, cache_dir=tmp_path / "cache")
+
+
+def _tiny_generate(seed, field):
+    rng = np.random.default_rng(seed)
+    return {split: {"loc": rng.normal(size=(3, 49, 3, 5)), "vel": rng.normal(size=(3, 49, 3, 5)),
+                    "charges": rng.choice([-1.0, 1.0], size=(3, 5, 1))} for split in nbody.SPLITS}
+
+
+def test_nbody_cache_gets_the_umasks_permissions_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(nbody, "generate", lambda seed, field: _tiny_generate(seed, field))
+    task = nbody.load_task("valid", num=2, cache_dir=tmp_path)
+    assert task["loc"].shape == (2, 5, 3)
+    path = nbody.cache_path(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    assert not list(tmp_path.glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cache file {path} is unreadable"):
+        nbody.load_task("valid", num=2, cache_dir=tmp_path)
