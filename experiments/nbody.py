@@ -665,6 +665,9 @@ def run_study(args: argparse.Namespace) -> dict:
     if num_seeds < 1 or epochs < 1 or train_size < 1:
         raise ValueError(f"--seeds, --epochs and --train-size must be >= 1, got {num_seeds}, {epochs}, {train_size}")
     seeds = [args.seed + k for k in range(num_seeds)]
+    # model options that do not fit the model fail here, before the data (minutes on a first run)
+    make_model(args.model, branch_kind=args.branch_kind, parameterization=args.parameterization,
+               branch_rank=args.branch_rank, branch_init_scale=args.branch_init_scale)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

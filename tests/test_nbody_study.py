@@ -287,3 +287,15 @@ def test_a_diverged_seed_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     from experiments.common import report_diverged
 
     assert report_diverged(results) == 1
+
+
+@pytest.mark.parametrize("options", [["--model", "egnn", "--branch-rank", "4"],
+                                     ["--model", "segnn", "--branch-init-scale", "0.01"],
+                                     ["--model", "egnn", "--parameterization", "normal"]])
+def test_a_model_option_for_the_other_model_fails_before_the_data_is_loaded(tmp_path, monkeypatch, options):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the options were checked")
+
+    monkeypatch.setattr(study, "load_splits", no_data)
+    with pytest.raises(ValueError, match="applies to|--branch-rank"):
+        study.main(["--preset", "quick", "--out", str(tmp_path), "--no-progress", *options])
