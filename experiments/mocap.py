@@ -320,7 +320,7 @@ def run_study(
     histories: dict[str, list] = {}
     # the file's name and a hash of the arrays trained and evaluated on (not the name alone)
     file_name = Path(DEFAULT_MOCAP_PATH if data_path is None else data_path).name
-    data_name = f"{file_name}, arrays {array_digest([train, val, test])}"
+    data_name = f"{file_name}, arrays {array_digest([train, val, test, data.edges, data.edge_attr, data.target_offsets])}"
     for method in methods:
         per_seed = []
         for seed in range(first_seed, first_seed + config.seeds):

@@ -570,7 +570,7 @@ def run_target(
     # schedule over the total) the engine refuses
     run_settings = {"model": model_name, "target": target,
                     "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "epochs"},
-                    "split_sizes": [len(p) for p in splits.indices], "data": data_fingerprint(values, splits)}
+                    "split_sizes": [len(p) for p in splits.indices], "data": data_fingerprint(dataset, values, splits)}
     entry, details, histories = {}, {}, {}
     for method in methods:
         projection, full, runs = [], [], []
@@ -627,14 +627,18 @@ def run_target(
     return entry, {"mean": float(mean), "mad": float(mad), "methods": details}
 
 
-def data_fingerprint(values: np.ndarray, splits: PreparedSplits) -> str:
+def data_fingerprint(dataset: dict, values: np.ndarray, splits: PreparedSplits) -> str:
     """A short hash of which molecules (by target value, in split order) each split holds: it
     changes with ``--split-seed``, ``--num-molecules`` and the CSV files, so a run folder never
     resumes a checkpoint trained on another split (whose training molecules may be this test set)."""
     digest = hashlib.sha256()
     for rows in splits.indices:
-        digest.update(np.asarray(rows, np.int64).tobytes())
-        digest.update(np.asarray(values[np.asarray(rows)], np.float64).tobytes())
+        rows = np.asarray(rows, np.int64)
+        digest.update(rows.tobytes())
+        digest.update(np.asarray(values[rows], np.float64).tobytes())
+        # the molecules themselves: a CSV with the same targets but other geometries is other data
+        digest.update(np.ascontiguousarray(dataset["positions"][rows], np.float32).tobytes())
+        digest.update(np.ascontiguousarray(dataset["atomic_numbers"][rows], np.int32).tobytes())
     return digest.hexdigest()[:16]
 
 

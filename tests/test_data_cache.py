@@ -78,3 +78,19 @@ def test_nbody_cache_gets_the_umasks_permissions_and_a_damaged_one_is_named(tmp_
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"cache file {path} is unreadable"):
         nbody.load_task("valid", num=2, cache_dir=tmp_path)
+
+
+def test_a_cache_that_is_no_npz_archive_is_named_and_one_that_cannot_be_opened_keeps_its_error(tmp_path):
+    from data.cache import read_cache
+
+    path = tmp_path / "x.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.arange(3))  # an .npy written under the cache's name
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        read_cache(path, lambda archive: archive["x"])
+    np.savez(path, x=np.arange(3))
+    np.testing.assert_array_equal(read_cache(path, lambda archive: archive["x"]), np.arange(3))
+    with pytest.raises(ValueError, match="KeyError"):
+        read_cache(path, lambda archive: archive["y"])
+    with pytest.raises(FileNotFoundError):  # not "delete it": there is nothing to delete
+        read_cache(tmp_path / "missing.npz", lambda archive: archive["x"])

@@ -149,10 +149,9 @@ def _first_fit_call(monkeypatch, tmp_path, method, **kwargs):
 
 
 def test_the_resilient_slack_cost_alpha_reaches_the_engine(monkeypatch, tmp_path):
-    method, _ = _first_fit_call(monkeypatch, tmp_path, "ace-resilient", overrides={"alpha": 0.1})
-    assert method.name == "ace-resilient" and method.formulation.alpha == 0.1
-    method, _ = _first_fit_call(monkeypatch, tmp_path, "ace-resilient")
-    assert method.formulation.alpha == study.PRESETS["quick"].alpha
+    method, config = _first_fit_call(monkeypatch, tmp_path, "ace-resilient", overrides={"alpha": 0.1})
+    assert method.name == "ace-resilient" and method.formulation.alpha == 0.1  # not the default 1.0
+    assert config.run_settings["alpha"] == 0.1
 
 
 def test_a_checkpoint_is_tied_to_the_data_arrays_not_to_the_file_name(monkeypatch, tmp_path):
@@ -185,3 +184,14 @@ def test_a_finished_run_is_extended_by_a_longer_epochs(tmp_path):
     lines = log.read_text().splitlines()
     assert lines[: len(first_epoch)] == first_epoch and len(lines) > len(first_epoch)  # epoch 0 kept, epoch 1 added
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_the_data_hash_covers_the_skeleton(monkeypatch, tmp_path):
+    with np.load(DEFAULT_MOCAP_PATH) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    np.savez(tmp_path / "full.npz", **arrays)
+    arrays["edges"] = arrays["edges"][:-1]  # one bone less: the same samples on another graph
+    np.savez(tmp_path / "fewer.npz", **arrays)
+    hashes = [_first_fit_call(monkeypatch, tmp_path, "ace", data_path=tmp_path / f)[1].run_settings["data"].split("arrays")[1]
+              for f in ("full.npz", "fewer.npz")]
+    assert hashes[0] != hashes[1]

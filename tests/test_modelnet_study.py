@@ -226,6 +226,8 @@ def test_optimizer_options_reach_the_preset_and_are_validated():
     assert (sgd.optimizer, sgd.final_learning_rate, sgd.weight_decay) == ("sgd", 1e-3, 1e-4)
     sgd = preset("--preset", "quick", "--optimizer", "sgd", "--learning-rate", "0.1", "--weight-decay", "0")
     assert (sgd.final_learning_rate, sgd.weight_decay) == (1e-3, 0.0)
+    sgd = preset("--preset", "quick", "--optimizer", "sgd", "--learning-rate", "5e-4")  # below the paper's end rate
+    assert sgd.final_learning_rate == pytest.approx(5e-6)  # the paper's ratio, 1 % of the initial rate
 
 
 def test_an_empty_methods_option_keeps_the_presets_methods():

@@ -252,9 +252,25 @@ def test_a_finished_run_is_extended_without_lr_decay_and_refused_with_it(tmp_pat
         ])
 
     run("plain", 1)
+    log_path = tmp_path / "plain" / "runs" / "zpve" / "vanilla" / "seed0" / "log.jsonl"
+    first = log_path.read_text().splitlines()
     run("plain", 2)  # continues the 1-epoch checkpoint (no schedule depends on the total)
-    log = (tmp_path / "plain" / "runs" / "zpve" / "vanilla" / "seed0" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in log] == [0, 1]
+    log = log_path.read_text().splitlines()
+    assert log[:1] == first and [json.loads(line)["epoch"] for line in log] == [0, 1]  # epoch 0 not retrained
     run("decay", 1, "--lr-decay-at", "0.5")
     with pytest.raises(ValueError, match=r"epochs: checkpoint 1, this run 2\) \(a learning-rate or γ schedule"):
         run("decay", 2, "--lr-decay-at", "0.5")  # the decay step moves with the total: not the same run
+
+
+def test_the_data_fingerprint_covers_targets_geometry_atoms_and_split(molecules):
+    settings = study.PRESETS["quick"]["schnet"]
+    splits = study.prepare_splits(molecules, settings, split_seed=0)
+    values = molecules["targets"][:, 0]
+    base = study.data_fingerprint(molecules, values, splits)
+    assert base == study.data_fingerprint(dict(molecules), values.copy(), splits)  # same numbers, same hash
+    moved = {**molecules, "positions": molecules["positions"] + np.float32(0.01)}
+    other_atoms = {**molecules, "atomic_numbers": molecules["atomic_numbers"][::-1].copy()}
+    other_split = study.prepare_splits(molecules, settings, split_seed=1)
+    assert len({base, study.data_fingerprint(moved, values, splits), study.data_fingerprint(other_atoms, values, splits),
+                study.data_fingerprint(molecules, values + 1.0, splits),
+                study.data_fingerprint(molecules, values, other_split)}) == 5
