@@ -32,7 +32,10 @@ def test_cli_writes_the_documented_records(tmp_path, capsys):
         assert r["temp_mib"] > 0 and r["page_faults_per_step"] >= 0
     out = capsys.readouterr().out
     ace_row = next(line for line in out.splitlines() if line.startswith("| c4_cnn | ace |"))
-    assert ace_row.split("|")[8].strip().endswith("x")  # "1.23x", not "-"
+    vanilla_row = next(line for line in out.splitlines() if line.startswith("| c4_cnn | vanilla |"))
+    ace, vanilla = (next(r for r in records if r["method"] == m)["step_ms_median"] for m in ("ace", "vanilla"))
+    assert ace_row.split("|")[8].strip() == f"{ace / vanilla:.2f}x"  # ACE over vanilla, not the inverse
+    assert vanilla_row.split("|")[8].strip() == "1.00x"
 
 
 def test_scratch_memory_is_the_compiled_steps_temp_buffer():

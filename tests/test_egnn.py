@@ -138,3 +138,13 @@ def test_branch_init_scale_shrinks_the_initial_branches(spectral):
     assert 0.0 < small < 0.05 * lecun  # std 1e-2 x LeCun's: the branch shift is ~100x smaller
     with pytest.raises(ValueError, match="branch_init_scale"):
         EGNN(hidden=16, num_layers=2, branch_init_scale=-1.0).init(key, loc, vel, charges)
+
+
+def test_the_projection_sees_charges_only_through_the_products_q_i_q_j(variables):
+    # the equivariant model's only charge input is the edge feature q_i q_j: flipping every charge
+    # leaves it (and the prediction) unchanged, flipping one changes it
+    loc, vel, charges = graph(5)
+    out = APPLY(variables, loc, vel, charges, project=True)
+    np.testing.assert_allclose(APPLY(variables, loc, vel, -charges, project=True), out, rtol=1e-6, atol=1e-6)
+    one_flipped = charges.at[0].multiply(-1.0)
+    assert float(jnp.max(jnp.abs(APPLY(variables, loc, vel, one_flipped, project=True) - out))) > 1e-4

@@ -39,6 +39,10 @@ def test_tiny_study_writes_the_results_schema(tmp_path):
     config = on_disk["config"]
     assert config["select_on"] == {"vanilla": "projection", "ace-resilient": "full"}
     assert config["epochs"] == 2 and config["num_samples"] == {"train": 12, "val": 12, "test": 12}
+    # the reference: x + 30·v against the frame 30 ahead (the last target), on the same 12 test samples
+    test = study._model_arrays(load_mocap().test, 12)
+    assert config["reference_constant_velocity_test_mse"] == pytest.approx(
+        float(np.mean((test["loc"] + 30 * test["vel"] - test["target"][:, -1]) ** 2)) / 1e-2)
     for name, entry in on_disk["methods"].items():
         assert set(entry) == METHOD_KEYS, name
         for key in ("test_mse_projection", "test_mse_full"):

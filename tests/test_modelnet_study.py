@@ -290,3 +290,34 @@ def test_a_method_whose_every_seed_diverges_is_recorded(tmp_path, monkeypatch):
     assert "diverged" in (tmp_path / "table.md").read_text()
     assert not (tmp_path / "gamma_clean_ace.png").exists() and (tmp_path / "curves_clean.png").is_file()
     assert report_diverged(results) == 1
+
+
+def test_label_smoothing_by_hand_and_the_papers_value():
+    from experiments.modelnet import PRESETS, smoothed_cross_entropy
+
+    # logits [ln 3, 0] → softmax [0.75, 0.25]; s = 0.2 over 2 classes → targets [0.9, 0.1]
+    loss = smoothed_cross_entropy(jnp.log(jnp.array([3.0, 1.0])), jnp.asarray(0), 0.2)
+    assert float(loss) == pytest.approx(-0.9 * np.log(0.75) - 0.1 * np.log(0.25), rel=1e-6)
+    assert all(p.label_smoothing == 0.2 for p in PRESETS.values())
+
+
+def test_validation_and_test_clouds_are_randomly_rotated_and_training_clouds_are_not():
+    import data.shapes
+
+    preset = tiny_preset()
+    canonical = data.shapes.make_shapes(preset.num_per_class_train, preset.num_per_class_val,
+                                        preset.num_per_class_test, num_points=preset.num_points,
+                                        seed=preset.data_seed)
+    canonical = subset_classes(canonical, preset.classes)
+    loaded = load_data("synthetic", preset)
+    for split in ("train", "val", "test"):
+        original, moved = canonical[split][0], loaded[split]["points"]
+        distances = lambda p: np.linalg.norm(p[:, :, None] - p[:, None, :], axis=-1)  # noqa: E731
+        np.testing.assert_allclose(distances(moved), distances(original), atol=1e-5)  # a rigid motion
+        change = np.max(np.abs(moved - original), axis=(1, 2))
+        if split == "train":
+            assert np.all(change == 0)  # rotated afresh at every step by the loss, not here
+        else:
+            assert np.all(change > 0.1)  # every cloud rotated (once, seeded)
+    again = load_data("synthetic", preset)
+    np.testing.assert_array_equal(again["test"]["points"], loaded["test"]["points"])

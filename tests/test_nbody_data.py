@@ -329,3 +329,32 @@ def test_coincident_particles_raise():
     loc0[0, 0] = [0.0, 0.0, 1.0, 2.0, 3.0]  # particles 0 and 1 coincide
     with pytest.raises(ValueError, match="coincident"):
         nbody.simulate(charges, loc0, np.zeros_like(loc0), num_steps=200)
+
+
+def test_reflection_into_the_box_by_hand():
+    # x > 5 -> 10 − x with the velocity made negative; x < −5 -> −10 − x with it made positive;
+    # inside, nothing changes (the velocities below point the "wrong" way before reflection)
+    loc = np.zeros((3, 5))
+    vel = np.full((3, 5), 0.1)
+    loc[0, 0], vel[0, 0] = 6.5, 0.3
+    loc[1, 1], vel[1, 1] = -7.0, -0.2
+    loc[2, 2], vel[2, 2] = 4.0, 0.4
+    new_loc, new_vel = nbody.reflect_into_box(loc, vel)
+    assert new_loc[0, 0] == pytest.approx(3.5) and new_vel[0, 0] == pytest.approx(-0.3)
+    assert new_loc[1, 1] == pytest.approx(-3.0) and new_vel[1, 1] == pytest.approx(0.2)
+    assert new_loc[2, 2] == 4.0 and new_vel[2, 2] == 0.4
+    untouched = np.ones((3, 5), bool)
+    untouched[0, 0] = untouched[1, 1] = False
+    np.testing.assert_array_equal(new_vel[untouched], vel[untouched])
+
+
+def test_the_field_force_is_clipped_with_the_pair_forces():
+    # particles ~1000 apart (pair forces ~1e-6) in a field force q·150 along z: F_z = clip(±150) = ±100
+    loc = np.zeros((1, 3, 5))
+    loc[0, 0] = 1000.0 * np.arange(5)
+    charges = np.array([1.0, -1.0, 1.0, -1.0, 1.0])
+    edges = np.outer(charges, charges)[None]
+    force = nbody._forces(np.ascontiguousarray(loc), edges, 150.0 * charges[None])
+    np.testing.assert_allclose(force[0, 2], np.sign(charges) * nbody.MAX_FORCE)
+    assert nbody.MAX_FORCE == 100.0
+    assert np.all(np.abs(force[0, :2]) < 1e-5)

@@ -177,14 +177,15 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     assert "EGNN + ACE (resilient)" in table and "full" in table
 
 
-def test_vmapped_seeds_equal_separate_runs(tiny_task):
+@pytest.mark.parametrize("method", ["ace", "unconstrained"])  # unconstrained: random rotations use each step's key
+def test_vmapped_seeds_equal_separate_runs(tiny_task, method):
     train, val, test = split(random_data(20, seed=2), 8, 6, 6)
     task = tiny_task
     config = ace_jax.TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, dual_learning_rate=1e-1,
                                  eval_batch_size=4, progress=False)
-    vmapped = fit_seeds_vmapped(task, train, val, test, "ace", config, seeds=[3, 4])
+    vmapped = fit_seeds_vmapped(task, train, val, test, method, config, seeds=[3, 4])
     for seed, got in zip([3, 4], vmapped):
-        ref = ace_jax.fit(task, train, val, test, "ace", ace_jax.TrainConfig(**{**config.__dict__, "seed": seed}))
+        ref = ace_jax.fit(task, train, val, test, method, ace_jax.TrainConfig(**{**config.__dict__, "seed": seed}))
         assert got.best_epoch == ref.best_epoch
         for key in ("train_loss", "train_lagrangian"):
             np.testing.assert_allclose([r[key] for r in got.history], [r[key] for r in ref.history], rtol=1e-5)

@@ -274,3 +274,28 @@ def test_the_data_fingerprint_covers_targets_geometry_atoms_and_split(molecules)
     assert len({base, study.data_fingerprint(moved, values, splits), study.data_fingerprint(other_atoms, values, splits),
                 study.data_fingerprint(molecules, values + 1.0, splits),
                 study.data_fingerprint(molecules, values, other_split)}) == 5
+
+
+def test_target_statistics_come_from_the_training_molecules_only(tmp_path, monkeypatch):
+    seen = []
+    real = study.target_stats
+
+    def recording(values):
+        seen.append(np.asarray(values).copy())
+        return real(values)
+
+    monkeypatch.setattr(study, "target_stats", recording)
+    study.main(["--preset", "quick", "--out", str(tmp_path / "out"), "--csv", str(FIXTURE), "--epochs", "1",
+                "--targets", "zpve", "--methods", "vanilla", "--features", "8", "--interactions", "1",
+                "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    molecules = parse_csv(FIXTURE)
+    train_rows = study.split_molecules(len(molecules["num_atoms"]), study.PRESETS["quick"]["schnet"].split, 0).train
+    (values,) = seen
+    expected = molecules["targets"][np.asarray(train_rows), study.target_column("zpve")]
+    assert len(values) == 6 and np.allclose(np.sort(values), np.sort(expected))  # 6 of the 8 molecules
+
+
+def test_schnet_settings_reach_the_model():
+    settings = study.PRESETS["quick"]["schnet"]
+    model = study.build_model("schnet", dataclasses.replace(settings, cutoff=7.5))
+    assert model.pooling == "sum" and model.cutoff == 7.5  # the radius graph's cutoff is the model's

@@ -287,3 +287,40 @@ def test_each_branch_alone_breaks_rotations(molecules, model_and_variables):
         assert error > 1e-2, jax.tree_util.keystr(path)
     none = only(None)
     assert relative_difference(apply(none, batch, project=False), apply(none, rotated, project=False)) <= 1e-5
+
+
+def _diatomics(pairs, distance):
+    """A molecule set of two-atom molecules (atomic numbers ``pairs``) ``distance`` Å apart along x."""
+    m = len(pairs)
+    positions = np.zeros((m, 29, 3), np.float32)
+    positions[:, 1, 0] = distance
+    numbers = np.zeros((m, 29), np.int32)
+    numbers[:, :2] = np.asarray(pairs, np.int32)
+    return {"positions": positions, "atomic_numbers": numbers, "num_atoms": np.full(m, 2, np.int32),
+            "targets": np.zeros((m, 12)), "index": np.arange(m), "target_names": np.array(["x"] * 12)}
+
+
+def test_atoms_exchange_messages():
+    # With message passing an atom's output depends on its neighbour's type, so the energy of
+    # CH is not the mean of CC and HH at the same bond length (an atom-additive model gives 0).
+    dataset = _diatomics([(6, 6), (1, 1), (6, 1)], 1.1)
+    model = SchNet(features=16, filters=16, num_interactions=1)
+    batch = make_batch(dataset, compute_neighbor_lists(dataset, CUTOFF), np.arange(3), 4, budget=(16, 16))
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    y = np.asarray(model.apply(variables, batch, project=True), np.float64)
+    assert abs(y[0] + y[1] - 2 * y[2]) > 1e-4 * max(1.0, np.max(np.abs(y[:3])))
+
+
+def test_an_edge_beyond_the_cutoff_contributes_nothing():
+    # two atoms 10.5 Å apart: a radius graph built at 11 Å holds the edge, one at 10 Å does not;
+    # the cosine envelope (zero beyond the model's 10 Å cutoff) makes both predictions equal
+    dataset = _diatomics([(6, 8)], 10.5)
+    model = SchNet(features=16, filters=16, num_interactions=2, cutoff=CUTOFF)
+    with_edge = make_batch(dataset, compute_neighbor_lists(dataset, 11.0), [0], 2, budget=(8, 8))
+    without = make_batch(dataset, compute_neighbor_lists(dataset, CUTOFF), [0], 2, budget=(8, 8))
+    assert int(np.sum(with_edge.edge_mask)) == 2 and int(np.sum(without.edge_mask)) == 0
+    variables = model.init(jax.random.PRNGKey(0), with_edge)
+    for project in (True, False):
+        a = model.apply(variables, with_edge, project=project)
+        b = model.apply(variables, without, project=project)
+        np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-6, atol=1e-6)
