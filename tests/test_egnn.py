@@ -148,3 +148,38 @@ def test_the_projection_sees_charges_only_through_the_products_q_i_q_j(variables
     np.testing.assert_allclose(APPLY(variables, loc, vel, -charges, project=True), out, rtol=1e-6, atol=1e-6)
     one_flipped = charges.at[0].multiply(-1.0)
     assert float(jnp.max(jnp.abs(APPLY(variables, loc, vel, one_flipped, project=True) - out))) > 1e-4
+
+
+def test_one_layer_against_a_loop_over_pairs_in_numpy():
+    # the docstring's equations, written per pair with j ≠ i and C = 1/(N − 1)
+    from models.egnn import EGNNLayer
+
+    rng = np.random.default_rng(0)
+    n, hidden = 5, 8
+    h, x, v = (rng.normal(size=(n, d)).astype(np.float32) for d in (hidden, 3, 3))
+    q = rng.choice([-1.0, 1.0], size=(n, 1)).astype(np.float32)
+    edge_attr = rng.normal(size=(n, n, 2)).astype(np.float32)
+    layer = EGNNLayer(hidden=hidden)
+    variables = layer.init(jax.random.PRNGKey(2), h, x, v, q, edge_attr, project=True)
+    h_new, x_new = layer.apply(variables, h, x, v, q, edge_attr, project=True)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+
+    def dense(name, z):
+        return z @ p[name]["kernel"] + (p[name]["bias"] if "bias" in p[name] else 0.0)
+
+    silu = lambda z: z / (1.0 + np.exp(-z))  # noqa: E731
+    x_ref, h_ref = np.array(x, np.float64), np.array(h, np.float64)
+    for i in range(n):
+        coord, agg = np.zeros(3), np.zeros(hidden)
+        for j in range(n):
+            if j == i:
+                continue
+            diff = x[i].astype(np.float64) - x[j]
+            pair = np.concatenate([h[i], h[j], [diff @ diff], edge_attr[i, j]])
+            m = silu(dense("edge_mlp_1", silu(dense("edge_mlp_0", pair))))
+            coord += diff * dense("coord_mlp_1", silu(dense("coord_mlp_0", m)))
+            agg += m
+        x_ref[i] += coord / (n - 1) + dense("vel_mlp_1", silu(dense("vel_mlp_0", h[i].astype(np.float64)))) * v[i]
+        h_ref[i] += dense("node_mlp_1", silu(dense("node_mlp_0", np.concatenate([h[i], agg]))))
+    np.testing.assert_allclose(np.asarray(x_new), x_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h_new), h_ref, rtol=1e-5, atol=1e-5)
