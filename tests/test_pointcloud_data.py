@@ -381,3 +381,20 @@ def test_modelnet_missing_path_and_unknown_layout(tmp_path):
         load_modelnet40(tmp_path)
     with pytest.raises(ValueError, match="val_fraction"):
         load_modelnet40(tmp_path, val_fraction=1.0)
+
+
+def test_drop_points_rounds_the_count_and_refills_from_many_donors():
+    cloud = np.arange(27.0).reshape(1, 9, 3)  # 9 distinct points
+    dropped = drop_points(np.random.default_rng(0), cloud, 0.3)
+    assert len(np.unique(dropped[0], axis=0)) == 6  # round(2.7) = 3 slots refilled with kept points
+    cloud = np.random.default_rng(2).normal(size=(1, 300, 3))
+    dropped = drop_points(np.random.default_rng(1), cloud, 0.5)
+    moved = np.any(dropped[0] != cloud[0], axis=1)
+    assert moved.sum() <= 150 and len(np.unique(dropped[0][moved], axis=0)) > 50  # donors drawn uniformly
+
+
+def test_stratified_holdout_rounds_per_class():
+    labels = np.repeat([0, 1], [9, 3])
+    kept, held = stratified_holdout(labels, 0.3, 0)
+    np.testing.assert_array_equal(np.bincount(labels[held], minlength=2), [3, 1])  # round(2.7), round(0.9)
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(12))

@@ -495,3 +495,42 @@ def test_batch_iterator_remainder_and_argument_checks(tiny):
     assert one_target.targets.shape == (3, 1)
     assert one_target.targets[0, 0] == pytest.approx(-0.3877 * HARTREE_TO_EV, rel=1e-6)
     assert PADDING_NODES >= 2 and graphs.GraphBatch._fields[-1] == "targets"
+
+
+def test_atomization_energies_of_u_h_and_g_by_hand(tiny):
+    # methane (fixture row 0, CH4): molecule energy minus 1 C and 4 H reference energies, in eV
+    atomized = subtract_atom_references(tiny["targets"], tiny["atomic_numbers"])
+    by_hand = {
+        "U": (-40.476062 - (-37.845355) - 4 * (-0.498857)) * HARTREE_TO_EV,
+        "H": (-40.475117 - (-37.844411) - 4 * (-0.497912)) * HARTREE_TO_EV,
+        "G": (-40.498597 - (-37.861317) - 4 * (-0.510927)) * HARTREE_TO_EV,
+    }
+    for name, value in by_hand.items():
+        assert atomized[0, target_column(name)] == pytest.approx(value, abs=1e-6), name
+    assert by_hand["U"] == pytest.approx(-17.28682224, abs=1e-6)
+
+
+def test_random_split_sizes_round_and_follow_default_rng():
+    split = random_split(7, (0.5, 0.25, 0.25), seed=0)
+    assert tuple(len(part) for part in split) == (4, 2, 1)  # round(3.5) = 4, round(1.75) = 2, the rest 1
+    split = random_split(1000, (0.8, 0.1, 0.1), 3)
+    np.testing.assert_array_equal(np.sort(split.train), np.sort(np.random.default_rng(3).permutation(1000)[:800]))
+
+
+def test_radius_graph_cutoff_is_strict():
+    senders, receivers = radius_graph(np.array([[0.0, 0, 0], [1.0, 0, 0], [0.0, 0.5, 0]]), 1.0)
+    assert sorted(zip(senders.tolist(), receivers.tolist())) == [(0, 2), (2, 0)]  # the pair at exactly 1 Å: no edge
+
+
+def test_padding_needs_two_spare_nodes_and_its_edges_have_nonzero_length(tiny):
+    lists = compute_neighbor_lists(tiny, 2.0)
+    with pytest.raises(ValueError, match="budget"):
+        make_batch(tiny, lists, [0], 2, budget=(6, 32))  # methane's 5 atoms + 1: padding edges would be self loops
+    make_batch(tiny, lists, [0], 2, budget=(7, 32))
+    batch = make_batch(tiny, lists, [0], 2, budget=(16, 32))
+    senders, receivers = np.asarray(batch.senders), np.asarray(batch.receivers)
+    edge_mask = np.asarray(batch.edge_mask)
+    pad_s, pad_r = senders[~edge_mask], receivers[~edge_mask]
+    positions = np.asarray(batch.positions, np.float64)
+    lengths = np.linalg.norm(positions[pad_s] - positions[pad_r], axis=-1)
+    assert np.all(lengths > 0.5)  # no zero-length padding edge: a norm's gradient there would be NaN

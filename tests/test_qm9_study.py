@@ -299,3 +299,11 @@ def test_schnet_settings_reach_the_model():
     settings = study.PRESETS["quick"]["schnet"]
     model = study.build_model("schnet", dataclasses.replace(settings, cutoff=7.5))
     assert model.pooling == "sum" and model.cutoff == 7.5  # the radius graph's cutoff is the model's
+
+
+def test_segnn_settings_reach_the_model_as_the_issue_states():
+    # QM9-SEGNN: lmax_h 2, lmax_attr 3, instance norm; width and depth from the settings
+    settings = study.PRESETS["quick"]["segnn"]
+    model = study.build_model("segnn", dataclasses.replace(settings, features=24, num_interactions=3))
+    assert (model.lmax_hidden, model.lmax_attr, model.norm) == (2, 3, "instance")
+    assert (model.hidden_scalars, model.num_layers) == (24, 3)

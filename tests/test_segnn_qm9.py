@@ -265,3 +265,35 @@ def test_each_branch_alone_breaks_invariance(setup):
     for path in paths:
         assert error(path) > 1e-3, jax.tree_util.keystr(path)
     assert error(None) <= 1e-4
+
+
+def _methane_and_a_far_copy(molecules):
+    """Molecule 0 (methane) and a 10-atom molecule of methane plus a copy 100 Å away along x."""
+    out = {k: v.copy() for k, v in molecules.items()}
+    n = int(molecules["num_atoms"][0])
+    out["positions"][1, : 2 * n] = np.concatenate([molecules["positions"][0, :n],
+                                                    molecules["positions"][0, :n] + np.float32([100.0, 0, 0])])
+    out["atomic_numbers"][1] = 0
+    out["atomic_numbers"][1, : 2 * n] = np.tile(molecules["atomic_numbers"][0, :n], 2)
+    out["num_atoms"][1] = 2 * n
+    return out
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_mean_pooling_two_disconnected_copies_give_the_molecules_prediction(setup, project):
+    # with mean pooling over real atoms, two far-apart copies (no edge between them at 2 Å)
+    # predict what one copy predicts; a sum would double the atom contributions
+    molecules, batch_of, variables, apply = setup
+    doubled = _methane_and_a_far_copy(molecules)
+    out = np.asarray(apply(variables, batch_of(doubled, [0, 1]), project=project), np.float64)
+    assert out[1] == pytest.approx(out[0], rel=1e-5, abs=1e-6)
+
+
+def test_the_layer_update_is_residual(setup):
+    # zeroing the only layer's update leaves h = the embedding: molecules still differ (h = u would not)
+    molecules, batch_of, variables, apply = setup
+    params = dict(variables["params"])
+    params["layer_0"] = dict(params["layer_0"])
+    params["layer_0"]["update_2"] = jax.tree.map(jnp.zeros_like, params["layer_0"]["update_2"])  # u = 0
+    out = np.asarray(apply({**variables, "params": params}, batch_of(molecules), project=True))[:8]
+    assert np.std(out) > 1e-3

@@ -350,3 +350,13 @@ def test_each_branch_alone_breaks_rotation_invariance(model_and_variables, kind)
     for path in paths:
         assert error(path) > 1e-2, jax.tree_util.keystr(path)
     assert error(None) <= 1e-4
+
+
+def test_vn_norm_statistics_run_over_every_leading_axis():
+    # (P, k, C, 3) = (2, 2, 1, 3) edge features along +x with norms [[1, 2], [3, 4]]: mean 2.5,
+    # variance 1.25 over all four entries, so the new norms are (n − 2.5)/√1.25 (EPS negligible)
+    norms = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    x = jnp.asarray(np.stack([norms, np.zeros_like(norms), np.zeros_like(norms)], -1)[:, :, None, :])
+    norm = VNNorm()
+    y = norm.apply(norm.init(jax.random.PRNGKey(0), x), x)
+    np.testing.assert_allclose(np.asarray(y)[..., 0, 0], (norms - 2.5) / np.sqrt(1.25), rtol=1e-4, atol=1e-4)
