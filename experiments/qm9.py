@@ -110,7 +110,13 @@ as a replication of the 6-seed result) were added later.
 - The paper's SchNet width (``--features 64 --interactions 6``), same options, ZPVE: seed 0
   vanilla 0.006912 eV (2070 s), ACE projection 0.006837 (−1.1 %, 2156 s); seed 1 (run later)
   vanilla 0.006584 (2053 s), ACE 0.006805 (+3.4 %, 2136 s). At this width ACE is not better
-  over two seeds (means 0.006748 against 0.006821).
+  over two seeds (means 0.006748 against 0.006821). Seeds 2 and 3 (fixed together in advance,
+  session 23, after seeds 0–1 were known; same command with ``--targets zpve --seed 2|3 --seeds
+  1``, one core per run, both cores busy, 3047–3729 s per run): vanilla 0.007045 / 0.006721 eV,
+  ACE projection 0.007213 / 0.006569 (+2.4 % / −2.3 %; full model the same to 4 digits, final
+  |γ| ≤ 2.2e-4, best epochs 23–24). Over seeds 0–3: vanilla 0.006815 ± 0.000204, ACE 0.006856
+  ± 0.000266 (+0.6 %), ahead on 2 of 4 seeds; paired t = 0.45 (3 degrees of freedom), p = 0.68.
+  At the paper's width, as at the small one, ZPVE shows no ACE gain on this budget.
 - The same width on Cv (fixed in advance, session 21; ``--targets Cv``, otherwise the command
   above, seeds 0, 1 and 2 (seed 2 added to the plan before it ran), one core per run, both
   cores busy, 2429–3198 s per run): vanilla 0.10672 / 0.11121 / 0.10472 cal/mol K, ACE
