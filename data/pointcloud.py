@@ -88,6 +88,15 @@ def rotate(points: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return np.einsum("...ij,...pj->...pi", rotations, points)
 
 
+def refill_drop_count(p: float, num_points: int) -> int:
+    """round(p · num_points): the points the refill rule drops from a cloud (:func:`drop_points`);
+    a ValueError when that would leave none to copy from."""
+    num_drop = int(round(p * num_points))
+    if num_points - num_drop < 1:
+        raise ValueError(f"a drop fraction of {p} drops all {num_points} points; keep at least one")
+    return num_drop
+
+
 def drop_points(rng: np.random.Generator, points: np.ndarray, p: float) -> np.ndarray:
     """Randomly drop a fraction ``p`` of the points of every cloud, keeping the shape fixed.
 
@@ -114,10 +123,8 @@ def drop_points(rng: np.random.Generator, points: np.ndarray, p: float) -> np.nd
     single = points.ndim == 2
     clouds = points[None] if single else points
     num_clouds, num_points, _ = clouds.shape
-    num_drop = int(round(p * num_points))
+    num_drop = refill_drop_count(p, num_points)
     num_keep = num_points - num_drop
-    if num_keep < 1:
-        raise ValueError(f"p={p} would drop all {num_points} points; keep at least one")
     out = clouds.copy()
     if num_drop > 0:
         order = np.argsort(rng.random((num_clouds, num_points)), axis=1)

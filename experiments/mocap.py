@@ -58,7 +58,7 @@ import numpy as np
 import ace_jax
 from data.mocap import DEFAULT_MOCAP_PATH, MocapData, load_mocap
 from experiments.common import (Diverged, add_study_args, array_digest, fit_seed, markdown_table, mean_std_cell,
-                                parse_list, report_diverged, summarize, write_json)
+                                parse_list, preset_run_settings, report_diverged, summarize, write_json)
 from experiments.plotting import plot_curves, plot_trajectories
 from models.egno import EGNO
 
@@ -240,11 +240,9 @@ def _train_config(config: StudyConfig, method: str, seed: int, out_dir: Path, pr
         eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         select_on=select_on(method), select_metric=SELECT_METRIC, select_mode="min",
         seed=seed, out_dir=str(out_dir), progress=progress, data_parallel=False,
-        # what else a checkpoint depends on: the model and data settings (not how many seeds run;
-        # ``epochs`` is the engine's to judge, so a finished run can be extended)
-        run_settings={**{k: v for k, v in dataclasses.asdict(config).items()
-                         if k not in ("seeds", "eval_batch_size", "epochs")},
-                      "data": data_name},
+        # what else a checkpoint depends on: the model and data settings (preset_run_settings
+        # leaves out the seed count, and epochs, which the engine judges: a finished run can be extended)
+        run_settings=preset_run_settings(config, data=data_name),
     )
 
 

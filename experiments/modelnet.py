@@ -159,7 +159,7 @@ import numpy as np
 import optax
 
 from ace_jax import METHOD_NAMES, Task, TrainConfig, fit, gammas, get_method, named_leaves, random_rotation, rotate_points
-from data.pointcloud import random_rotations, rotate
+from data.pointcloud import random_rotations, refill_drop_count, rotate
 from experiments.common import (Diverged, add_study_args, array_digest, fit_seed, markdown_table, mean_std_cell,
                                 parse_list, preset_run_settings, report_diverged, summarize, write_json)
 from models.vn_dgcnn import VNDGCNN, init_variables
@@ -229,9 +229,8 @@ class Preset:
             raise ValueError(f"label_smoothing must satisfy 0 <= s < 1, got {self.label_smoothing}")
         if not self.dual_proportional >= 0:
             raise ValueError(f"dual_proportional must be >= 0, got {self.dual_proportional}")
-        if self.dropout_rule == "refill" and round(self.dropout * self.num_points) >= self.num_points:
-            raise ValueError(f"dropout {self.dropout} with the refill rule drops all {self.num_points} points; "
-                             "keep at least one")
+        if self.dropout_rule == "refill":
+            refill_drop_count(self.dropout, self.num_points)  # before any training, not when the loss compiles
         if self.num_points < self.k:
             raise ValueError(f"num_points ({self.num_points}) must be >= k ({self.k})")
         if not self.learning_rate > 0:
@@ -345,10 +344,8 @@ def drop_points_jax(key: jax.Array, points: jax.Array, fraction: float) -> jax.A
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"drop fraction must satisfy 0 <= fraction < 1, got {fraction}")
     num_points = points.shape[0]
-    num_drop = int(round(fraction * num_points))
+    num_drop = refill_drop_count(fraction, num_points)
     num_keep = num_points - num_drop
-    if num_keep < 1:
-        raise ValueError(f"fraction={fraction} would drop all {num_points} points; keep at least one")
     if num_drop == 0:
         return points
     k_order, k_donor = jax.random.split(key)

@@ -11,6 +11,7 @@ import data.nbody as nbody
 from data.modelnet import load_modelnet40
 from data.qm9 import load_qm9
 from data.shapes import make_shapes
+from modelnet_layouts import write_text_layout
 
 QM9_FIXTURE = Path(__file__).parent / "fixtures" / "qm9_tiny.csv"
 
@@ -21,19 +22,6 @@ def _damage(cache_dir: Path) -> Path:
     return path
 
 
-def _write_text_layout(root: Path) -> Path:
-    """A two-class modelnet40_normal_resampled folder with 6 points per sample."""
-    rng = np.random.default_rng(0)
-    (root / "chair").mkdir(parents=True)
-    (root / "modelnet40_shape_names.txt").write_text("chair\n")
-    for split, count in (("train", 10), ("test", 2)):
-        names = [f"chair_{i:04d}" for i in range(count)] if split == "train" else ["chair_0100", "chair_0101"]
-        (root / f"modelnet40_{split}.txt").write_text("\n".join(names) + "\n")
-        for name in names:
-            np.savetxt(root / "chair" / f"{name}.txt", rng.normal(size=(6, 6)), delimiter=",", fmt="%.5f")
-    return root
-
-
 @pytest.mark.parametrize("loader", ["shapes", "qm9", "modelnet_text"])
 def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, loader):
     cache = tmp_path / "cache"
@@ -42,7 +30,7 @@ def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, loader):
     elif loader == "qm9":
         load = lambda: load_qm9(cache_dir=cache, csv_paths=[QM9_FIXTURE])  # noqa: E731
     else:
-        folder = _write_text_layout(tmp_path / "modelnet40_normal_resampled")
+        folder, _, _ = write_text_layout(tmp_path, np.random.default_rng(0))
         load = lambda: load_modelnet40(folder, num_points=6, val_fraction=0.2, seed=0, cache_dir=cache)  # noqa: E731
     load()
     path = _damage(cache)
@@ -53,7 +41,7 @@ def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, loader):
 
 
 def test_a_bad_text_sample_file_is_named(tmp_path):
-    folder = _write_text_layout(tmp_path / "modelnet40_normal_resampled")
+    folder, _, _ = write_text_layout(tmp_path, np.random.default_rng(0))
     bad = folder / "chair" / "chair_0003.txt"
     bad.write_text(bad.read_text().replace(",", " ", 3))
     with pytest.raises(ValueError, match="chair_0003.txt: "):

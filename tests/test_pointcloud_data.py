@@ -16,6 +16,7 @@ from data.pointcloud import (
     stratified_holdout,
 )
 from data.shapes import CHIRAL_PAIRS, SHAPE_CLASS_NAMES, make_shapes, sample_shape_class
+from modelnet_layouts import write_text_layout
 
 MIRROR = np.diag([-1.0, 1.0, 1.0])
 
@@ -268,30 +269,8 @@ def _normalised(rows):
     return centred / np.linalg.norm(centred, axis=1).max()
 
 
-def _write_text_layout(root, rng):
-    """Tiny modelnet40_normal_resampled: 2 classes (one with '_' in its name), 8 rows each."""
-    folder = root / "modelnet40_normal_resampled"
-    names = ["chair", "night_stand"]
-    folder.mkdir(parents=True)
-    (folder / "modelnet40_shape_names.txt").write_text("\n".join(names) + "\n")
-    samples = {
-        "train": [f"{c}_{i:04d}" for c in names for i in range(1, 11)],
-        "test": ["night_stand_0100", "chair_0100"],
-    }
-    clouds = {}
-    for split, items in samples.items():
-        (folder / f"modelnet40_{split}.txt").write_text("\n".join(items) + "\n")
-        for sample in items:
-            class_name = sample.rsplit("_", 1)[0]
-            (folder / class_name).mkdir(exist_ok=True)
-            rows = rng.normal(size=(8, 6))
-            np.savetxt(folder / class_name / f"{sample}.txt", rows, delimiter=",", fmt="%.6f")
-            clouds[sample] = np.loadtxt(folder / class_name / f"{sample}.txt", delimiter=",")
-    return folder, samples, clouds
-
-
 def test_load_text_layout(tmp_path):
-    folder, samples, clouds = _write_text_layout(tmp_path / "data", np.random.default_rng(0))
+    folder, samples, clouds = write_text_layout(tmp_path / "data", np.random.default_rng(0))
     for path in (tmp_path / "data", folder):  # parent folder or layout folder
         data = load_modelnet40(path, num_points=5, val_fraction=0.2, seed=1, cache_dir=tmp_path / "cache")
         assert data["class_names"] == ["chair", "night_stand"]
@@ -317,7 +296,7 @@ def test_load_text_layout(tmp_path):
 
 
 def test_text_layout_cache_sees_a_sample_file_replaced_in_place(tmp_path):
-    folder, samples, clouds = _write_text_layout(tmp_path, np.random.default_rng(0))
+    folder, samples, clouds = write_text_layout(tmp_path, np.random.default_rng(0))
     first = load_modelnet40(folder, num_points=5, cache_dir=tmp_path / "cache")
     file = folder / "chair" / "chair_0100.txt"
     replacement = np.random.default_rng(1).normal(size=(8, 6))
@@ -330,7 +309,7 @@ def test_text_layout_cache_sees_a_sample_file_replaced_in_place(tmp_path):
 
 
 def test_load_text_layout_missing_sample_file(tmp_path):
-    folder, samples, _ = _write_text_layout(tmp_path, np.random.default_rng(0))
+    folder, samples, _ = write_text_layout(tmp_path, np.random.default_rng(0))
     (folder / "chair" / "chair_0100.txt").unlink()
     with pytest.raises(FileNotFoundError, match="chair_0100.txt"):
         load_modelnet40(folder, num_points=5, cache_dir=tmp_path / "cache")
