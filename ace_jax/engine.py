@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ace_jax.dual import dual_ascent, slack_descent
 from ace_jax.homotopic import named_leaves
-from ace_jax.lagrangian import make_lagrangian, weighted_mean
+from ace_jax.lagrangian import make_lagrangian
 from ace_jax.methods import Method, get_method, triangle_schedule
 from ace_jax.train_step import TrainState, init_train_state, make_train_step
 
@@ -433,7 +433,7 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path, log_path = out_dir / "checkpoint.msgpack", out_dir / "log.jsonl"
         if config.resume and ckpt_path.exists():
-            state, best, start_epoch, history = _restore(ckpt_path, state, best, fingerprint)
+            state, best, start_epoch, history = restore_checkpoint(ckpt_path, state, best, fingerprint)
             log_path.write_text("".join(log_line(r) for r in history))
         elif log_path.exists():
             log_path.unlink()
@@ -488,7 +488,7 @@ def fit(
         if out_dir is not None:
             with open(log_path, "a") as fh:
                 fh.write(log_line(record))
-            _save(ckpt_path, state, best, epoch, history, fingerprint)
+            save_checkpoint(ckpt_path, state, best, epoch, history, fingerprint)
 
     if best["score"] is None and history:
         raise NonFiniteError(
@@ -611,7 +611,10 @@ def _check_fingerprint(path: Path, saved: dict | None, current: dict, trained: i
                                    "checkpoint's settings to continue it")
 
 
-def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:
+def save_checkpoint(path: Path, state: TrainState, best: dict, epoch: int, history: list, fingerprint: dict) -> None:
+    """Write one run's checkpoint atomically: its state after ``epoch``, the selected epoch
+    (``best``: ``{"score", "epoch", "variables", "val"}``), the per-epoch records and the run's
+    settings (:func:`run_fingerprint`). :func:`restore_checkpoint` reads it back."""
     payload = {
         "state": flax.serialization.to_state_dict(jax.device_get(state)),
         "best_variables": flax.serialization.to_state_dict(best["variables"]),
@@ -625,7 +628,11 @@ def _save(path: Path, state: TrainState, best: dict, epoch: int, history: list, 
     _write_atomic(path, flax.serialization.msgpack_serialize(payload))
 
 
-def _restore(path: Path, state: TrainState, best: dict, fingerprint: dict):
+def restore_checkpoint(path: Path, state: TrainState, best: dict, fingerprint: dict):
+    """``(state, best, next_epoch, history)`` from a checkpoint of :func:`save_checkpoint`, with
+    ``state`` and ``best`` (a fresh run's) as the templates of the trees; refused (ValueError
+    naming the reason) if it was written under settings other than ``fingerprint`` allows
+    (:func:`_check_fingerprint`), is unreadable, or belongs to another model or method."""
     try:
         raw = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as err:

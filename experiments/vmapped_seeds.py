@@ -11,9 +11,21 @@ run with ``TrainConfig(seed=s_k)`` (up to float round-off of batched vs. single 
 - evaluation vmaps the per-example metric over the stacked variables (one program per
   ``project`` flag); model selection, γ schedules and the log records follow the engine.
 
-Differences from ``ace_jax.fit``: no checkpoint/resume (only ``log.jsonl`` per seed is
-written), no multi-device sharding (one device holds all seeds), and a seed that diverges
-stops alone (returned as :class:`experiments.common.Diverged`) where ``fit`` raises. The
+With ``out_dirs`` (one folder per seed) every seed gets what ``fit`` writes: ``log.jsonl`` and,
+after every epoch, ``checkpoint.msgpack`` in the engine's format with that seed's settings
+(:func:`ace_jax.engine.run_fingerprint` of the config with ``seed = s``), so a seed's folder is
+interchangeable with a ``fit`` run's: ``fit`` resumes it, and this function resumes folders
+``fit`` wrote. With ``config.resume`` (the default) a rerun restores every seed that has a
+checkpoint, under the engine's rules (a checkpoint written under other settings is refused with
+them named), and starts the others afresh. Seeds that stand at different epochs (a run killed
+between two seeds' checkpoints, a seed added later, one that diverged) are brought level first:
+each pass trains the seeds furthest behind, the same vmapped step with the others held still,
+so every seed follows its uninterrupted trajectory. A seed that diverged resumes from its last
+good checkpoint and diverges again at the same step.
+
+Differences from ``ace_jax.fit``: no multi-device sharding (one device holds all seeds), and a
+seed that diverges stops alone (returned as :class:`experiments.common.Diverged`) where ``fit``
+raises. The
 round-off of batched matmuls can grow in training: on a toy task with the penalty method and
 the Adam dual the validation metric differed by ~1 % after one epoch (exactly equal with one
 seed, and independent of which other seeds share the batch).
@@ -21,6 +33,7 @@ seed, and independent of which other seeds share the batch).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 from pathlib import Path
@@ -31,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ace_jax import FitResult, Task, TrainConfig, get_method, named_leaves, triangle_schedule
-from ace_jax.engine import (build_step, check_split, log_line, padded_batches, selection_metric,
-                             weighted_metric_sums, with_selection)
+from ace_jax.engine import (build_step, check_split, log_line, padded_batches, restore_checkpoint, run_fingerprint,
+                             save_checkpoint, selection_metric, weighted_metric_sums, with_selection)
 from ace_jax.methods import Method
 from experiments.common import Diverged
 
@@ -48,6 +61,27 @@ def _unstack(host_tree, index: int):
 
 def _scalars(host_tree) -> dict:
     return {k: float(v) for k, v in named_leaves(host_tree).items()}
+
+
+CHECKPOINT, LOG = "checkpoint.msgpack", "log.jsonl"  # in each seed's folder
+
+
+def _restore_seeds(dirs: list[Path], states: list, best: list, fingerprints: list):
+    """Every seed's checkpoint, where it has one: ``(states, best, histories, next_epochs)``,
+    a seed without one keeping its fresh state (``states``, ``best``) at epoch 0."""
+    states, best = list(states), list(best)
+    histories: list[list] = [[] for _ in dirs]
+    next_epochs = [0] * len(dirs)
+    for s, d in enumerate(dirs):
+        if (d / CHECKPOINT).exists():
+            states[s], best[s], next_epochs[s], histories[s] = restore_checkpoint(
+                d / CHECKPOINT, states[s], best[s], fingerprints[s])
+    return states, best, histories, next_epochs
+
+
+def _per_seed(mask: np.ndarray, x: jax.Array) -> jax.Array:
+    """``mask`` (S,) shaped to broadcast against a stacked leaf ``x`` (S, ...)."""
+    return jnp.asarray(mask).reshape((-1,) + (1,) * (jnp.ndim(x) - 1))
 
 
 def make_seed_evaluator(task: Task, batch_size: int):
@@ -92,7 +126,8 @@ def fit_seeds_vmapped(
     seed stops (its log ends at its last good epoch) and the others train on.
 
     ``config.seed`` is ignored (the seeds come from ``seeds``); ``out_dirs`` (one per seed)
-    receive ``log.jsonl`` with the engine's record layout. ``FitResult.seconds`` is the wall
+    receive ``log.jsonl`` and ``checkpoint.msgpack`` as from ``fit`` (module doc: resume,
+    ``diverged.json``). ``FitResult.seconds`` is the wall
     time of the whole vmapped run (the same for every seed).
     """
     t_start = time.perf_counter()
@@ -116,8 +151,20 @@ def fit_seeds_vmapped(
     states, train_keys = [], []
     for seed in seeds:
         init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-        states.append(init_state(init_key))
+        states.append(jax.device_get(init_state(init_key)))
         train_keys.append(train_key)
+    best = [{"score": None, "epoch": -1, "variables": st.variables(), "val": {}} for st in states]
+    histories: list[list] = [[] for _ in seeds]
+    next_epochs = [0] * len(seeds)  # per seed: the epoch it trains next
+    fingerprints = [run_fingerprint(dataclasses.replace(config, seed=s), method, n_train) for s in seeds]
+    dirs = [Path(d) for d in out_dirs] if out_dirs is not None else None
+    if dirs is not None:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            states, best, histories, next_epochs = _restore_seeds(dirs, states, best, fingerprints)
+        for d, history in zip(dirs, histories):
+            (d / LOG).write_text("".join(log_line(r) for r in history))
     state, train_keys = jax.device_put(_stack(states)), jax.device_put(_stack(train_keys))
 
     @jax.jit
@@ -125,60 +172,67 @@ def fit_seeds_vmapped(
         one = lambda st, batch, key: step_fn(st, batch, jax.random.fold_in(key, st.step))  # noqa: E731
         return jax.vmap(one)(stacked_state, stacked_batch, keys)
 
+    @jax.jit
+    def held_step(stacked_state, stacked_batch, keys, active):
+        """``train_step`` for the ``active`` seeds; the others keep their state (catching up)."""
+        new, metrics = train_step(stacked_state, stacked_batch, keys)
+        return jax.tree.map(lambda n, o: jnp.where(_per_seed(active, n), n, o), new, stacked_state), metrics
+
     evaluate = make_seed_evaluator(task, config.eval_batch_size)
     project_eval = {"projection": True, "full": not method.has_branches}
-    log_paths = None
-    if out_dirs is not None:
-        log_paths = [Path(d) / "log.jsonl" for d in out_dirs]
-        for path in log_paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
 
     num_seeds = len(seeds)
-    sign = 1.0 if config.select_mode == "min" else -1.0
-    best = [{"score": None, "epoch": -1, "variables": None, "val": {}} for _ in seeds]
     failed: dict[int, str] = {}  # seed index -> why it stopped
-    histories: list[list] = [[] for _ in seeds]
+    sign = 1.0 if config.select_mode == "min" else -1.0
     steps_per_epoch = n_train // config.batch_size
-    epochs = range(config.epochs)
+    bar = None
     if config.progress:
         try:
             from tqdm.auto import tqdm
 
-            epochs = tqdm(epochs, desc=f"{method.name} ×{num_seeds} seeds", leave=False)
+            bar = tqdm(total=config.epochs - min(next_epochs), desc=f"{method.name} ×{num_seeds} seeds", leave=False)
         except ImportError:
             pass
-    for epoch in epochs:
+    while True:
+        running = [s for s in range(num_seeds) if s not in failed and next_epochs[s] < config.epochs]
+        if not running:
+            break
+        epoch = min(next_epochs[s] for s in running)  # the seeds furthest behind train; the rest wait
+        active = np.array([s in running and next_epochs[s] == epoch for s in range(num_seeds)])
+        # a diverged seed is frozen by its own first_bad_step; any other inactive seed is held
+        held = not all(active[s] or s in failed for s in range(num_seeds))
         t0 = time.perf_counter()
         if method.gamma_schedule == "triangle":
             value = triangle_schedule(epoch, config.epochs)
-            state = state.replace(gamma=jax.tree.map(lambda g: jnp.full_like(g, value), state.gamma))
+            state = state.replace(gamma=jax.tree.map(
+                lambda g: jnp.where(_per_seed(active, g), jnp.asarray(value, g.dtype), g), state.gamma))
         orders = [np.random.default_rng((seed, epoch)).permutation(n_train) for seed in seeds]
         losses = []
         for b in range(steps_per_epoch):
             idx = np.stack([order[b * config.batch_size : (b + 1) * config.batch_size] for order in orders])
             batch = {k: np.asarray(v)[idx] for k, v in train.items()}  # (S, B, ...)
-            state, metrics = train_step(state, batch, train_keys)
+            if held:
+                state, metrics = held_step(state, batch, train_keys, active)
+            else:
+                state, metrics = train_step(state, batch, train_keys)
             losses.append((metrics["loss"], metrics["lagrangian"]))
-        bad = np.asarray(jax.device_get(state.first_bad_step))
-        for s in np.flatnonzero(bad >= 0):  # that seed stops here (its state is frozen); the others go on
-            if s not in failed:
-                failed[int(s)] = (f"non-finite loss, gradient or updated state at step {int(bad[s])} (epoch {epoch}) "
-                                  f"with method {method.name!r}, seed {seeds[s]}: training stopped. Lower the "
-                                  "learning rate or check the data.")
-        if len(failed) == num_seeds:
-            break
+        host_state = jax.device_get(state)
+        bad = np.asarray(host_state.first_bad_step)
+        for s in np.flatnonzero(active & (bad >= 0)):  # that seed stops here (its state is frozen); the others go on
+            failed[int(s)] = (f"non-finite loss, gradient or updated state at step {int(bad[s])} (epoch {epoch}) "
+                              f"with method {method.name!r}, seed {seeds[s]}: training stopped"
+                              + (f"; its last good checkpoint is kept in {dirs[s]}" if dirs is not None and histories[s]
+                                 else "") + ". Lower the learning rate or check the data.")
+        trained = [s for s in range(num_seeds) if active[s] and s not in failed]
         loss_arr = np.asarray(jax.device_get(losses), np.float64)  # (steps, 2, S)
         evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-        if evaluated:
+        if evaluated and trained:
             stacked_variables = state.variables()
             val_scores = {name: evaluate(stacked_variables, val, p) for name, p in project_eval.items()}
-            host_variables = jax.device_get(stacked_variables)
+            host_variables = host_state.variables()
         seconds = time.perf_counter() - t0
-        duals = jax.device_get({"gamma": state.gamma, "multiplier": state.multipliers, "slack": state.slacks})
-        for s in range(num_seeds):
-            if s in failed:  # as fit: no record for the epoch it failed in, nor after
-                continue
+        duals = {"gamma": host_state.gamma, "multiplier": host_state.multipliers, "slack": host_state.slacks}
+        for s in trained:  # as fit: no record for the epoch a seed failed in, nor after
             record = {
                 "epoch": epoch,
                 "train_loss": float(loss_arr[:, 0, s].mean()),
@@ -199,9 +253,16 @@ def fit_seeds_vmapped(
                     }
             record["seconds"] = seconds
             histories[s].append(record)
-            if log_paths is not None:
-                with open(log_paths[s], "a") as fh:
+            next_epochs[s] = epoch + 1
+            if dirs is not None:
+                with open(dirs[s] / LOG, "a") as fh:
                     fh.write(log_line(record))
+                save_checkpoint(dirs[s] / CHECKPOINT, _unstack(host_state, s), best[s], epoch, histories[s],
+                                fingerprints[s])
+        if bar is not None:  # the epochs a pass trains only increase: one tick per pass
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
     for s, b in enumerate(best):
         if s not in failed and b["score"] is None:

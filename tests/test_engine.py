@@ -132,7 +132,7 @@ def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_r
         aj.fit(_task(), data, data, data, "ace", _config(epochs=5, eval_every=2, out_dir=str(tmp_path / "odd")))
     # a 10-epoch run stopped after 3 epochs (no evaluation yet), resumed as a 3-epoch run: that
     # run evaluates its final epoch 2, which the checkpoint never did
-    save, calls = aj.engine._save, []
+    save, calls = aj.engine.save_checkpoint, []
 
     def stop_after_three(*args):
         save(*args)
@@ -140,10 +140,10 @@ def test_resume_with_another_epoch_count_only_where_it_equals_an_uninterrupted_r
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(aj.engine, "_save", stop_after_three)
+    monkeypatch.setattr(aj.engine, "save_checkpoint", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         aj.fit(_task(), data, data, data, "ace", _config(epochs=10, eval_every=5, out_dir=str(tmp_path / "cut")))
-    monkeypatch.setattr(aj.engine, "_save", save)
+    monkeypatch.setattr(aj.engine, "save_checkpoint", save)
     with pytest.raises(ValueError, match="without evaluating it"):
         aj.fit(_task(), data, data, data, "ace", _config(epochs=3, eval_every=5, out_dir=str(tmp_path / "cut")))
     resumed = aj.fit(_task(), data, data, data, "ace", _config(epochs=10, eval_every=5, out_dir=str(tmp_path / "cut")))

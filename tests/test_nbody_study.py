@@ -300,3 +300,25 @@ def test_a_model_option_for_the_other_model_fails_before_the_data_is_loaded(tmp_
     monkeypatch.setattr(study, "load_splits", no_data)
     with pytest.raises(ValueError, match="applies to|--branch-rank"):
         study.main(["--preset", "quick", "--out", str(tmp_path), "--no-progress", *options])
+
+
+def test_vmap_seeds_folders_resume_either_way(tmp_path, monkeypatch, tiny_task):
+    """--vmap-seeds writes the per-seed checkpoints fit writes: a vmapped 1-epoch study extended
+    to 2 epochs without --vmap-seeds continues it (one more epoch per seed, not two) and ends
+    where an uninterrupted 2-epoch study ends."""
+    data = random_data(24)
+    monkeypatch.setattr(study, "load_splits", lambda *a, **k: dict(zip(("train", "val", "test"), split(data, 8, 8, 8))))
+    monkeypatch.setattr(study, "make_model", lambda *a, **k: EGNN(hidden=8, num_layers=1))
+    monkeypatch.setattr(study, "make_task", lambda model, example, field=0.0: tiny_task)
+    monkeypatch.setitem(study.PRESETS, "quick", {**study.PRESETS["quick"], "batch_size": 4, "eval_every": 1})
+    common = ["--preset", "quick", "--model", "egnn", "--methods", "ace", "--seeds", "2", "--no-progress"]
+    study.main([*common, "--out", str(tmp_path / "a"), "--epochs", "1", "--vmap-seeds"])
+    first = [(tmp_path / "a" / "ace" / f"seed{s}" / "log.jsonl").read_text() for s in (0, 1)]
+    assert all((tmp_path / "a" / "ace" / f"seed{s}" / "checkpoint.msgpack").exists() for s in (0, 1))
+    resumed = study.main([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
+    whole = study.main([*common, "--out", str(tmp_path / "b"), "--epochs", "2"])
+    for s in (0, 1):
+        lines = (tmp_path / "a" / "ace" / f"seed{s}" / "log.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and lines[0] + "\n" == first[s]  # epoch 0 kept from the vmapped run
+    for key in ("test_mse_projection_per_seed", "test_mse_full_per_seed"):
+        np.testing.assert_allclose(resumed["methods"]["ace"][key], whole["methods"]["ace"][key], rtol=1e-5)
