@@ -28,11 +28,16 @@ correction = full − projection, sum = full output, target), ``trajectories_<ta
     {"config": {...},
      "tasks": {task: {"baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse",
                       "final_abs_gammas": [mean over seeds of |γ| at the last epoch, per branch,
-                                           order config["gamma_names"]]}}}
+                                           order config["gamma_names"]],
+                      "diverged": [{"seed", "method", "error"}]}}}
 
 (|γ| because (γ, δW) and (−γ, −δW) are the same function: a signed mean over seeds could
 cancel. ``per_seed.json`` has each seed's signed γ at the last epoch, ``final_gammas``, and
-at the selected epoch, ``selected_gammas``.)
+at the selected epoch, ``selected_gammas``.) A run that stops on a non-finite step is recorded
+as in the other studies (:class:`experiments.common.Diverged`): the study goes on, the
+numbers it would have given are null (so are the means over seeds that include it), the run
+is listed under ``"diverged"``, its folder keeps the last good checkpoint, and the script
+exits with status 1.
 
 Settings (the ``Preset`` fields; chosen on square → rectangle / square → square runs of the
 quick budget, then used unchanged for every task):
@@ -68,7 +73,8 @@ import numpy as np
 
 from ace_jax import FitResult, Task, TrainConfig, c4_act, equivariance_error, fit, gammas, get_method, named_leaves
 from data.c4_toy import TASKS, c4_floor_mse, make_c4_toy
-from experiments.common import markdown_table, parse_list, preset_run_settings, write_json
+from experiments.common import (Diverged, fit_seed, markdown_table, parse_list, preset_run_settings, report_diverged,
+                                write_json)
 from models.c4_cnn import C4CNN
 
 matplotlib.use("Agg")
@@ -186,11 +192,12 @@ def predict(model: C4CNN, variables: dict, x: np.ndarray, project: bool) -> np.n
 
 
 class TaskRun(NamedTuple):
-    """One task × seed: the JSON-ready ``summary`` and what the figures need."""
+    """One task × seed: the JSON-ready ``summary`` and what the figures need (a run that
+    diverged is a :class:`experiments.common.Diverged`, its numbers NaN in ``summary``)."""
 
     summary: dict
-    ace: FitResult
-    baseline: FitResult
+    ace: FitResult | Diverged
+    baseline: FitResult | Diverged
     model: C4CNN
     test: dict
 
@@ -213,28 +220,41 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         run_settings=preset_run_settings(preset, task=task_name),  # rerunning into out_dir resumes
     )
     run_dir = out_dir / "runs" / f"{task_name}_seed{seed}"
-    baseline = fit(
+    # a diverged run is recorded (Diverged) and the study goes on; its folder keeps the last good checkpoint
+    baseline = fit_seed(lambda: fit(
         task, data["train"], data["val"], data["test"], BASELINE_METHOD,
         TrainConfig(**common, select_on="projection", out_dir=str(run_dir / BASELINE_METHOD)),
-    )
-    ace = fit(
+    ), seed)
+    ace = fit_seed(lambda: fit(
         task, data["train"], data["val"], data["test"], get_method(ACE_METHOD, alpha=preset.alpha),
         TrainConfig(**common, select_on="full", out_dir=str(run_dir / ACE_METHOD)),
-    )
-    names = ordered_gamma_names(ace.best_variables)
+    ), seed)
+    nan = float("nan")
+    names = ordered_gamma_names(jax.eval_shape(lambda: task.init(jax.random.PRNGKey(0), True)))
+    summary = {
+        "seed": seed,
+        "baseline_mse": nan if isinstance(baseline, Diverged) else baseline.test["projection"]["mse"],
+        "floor_mse": float(np.mean(c4_floor_mse(data["test"]["y"]))),
+        "gamma_names": names,
+        "diverged": [{"seed": seed, "method": method, "error": run.error}
+                     for method, run in ((BASELINE_METHOD, baseline), (ACE_METHOD, ace)) if isinstance(run, Diverged)],
+        "seconds": {name: None if isinstance(run, Diverged) else run.seconds
+                    for name, run in (("baseline", baseline), ("ace", ace))},
+    }
+    if isinstance(ace, Diverged):
+        summary.update(ace_projection_mse=nan, ace_full_mse=nan, final_gammas=[nan] * len(names),
+                       selected_gammas=[nan] * len(names), ace_best_epoch=None, ace_correction_rms=nan,
+                       ace_full_equivariance_error=nan)
+        return TaskRun(summary, ace, baseline, model, data["test"])
     selected = named_leaves(gammas(ace.best_variables))  # the deployed (selected) epoch
     final = ace.history[-1]["gamma"]  # the last epoch, where the trajectory plots end
     x_test = jnp.asarray(data["test"]["x"])
     full_fn = jax.jit(lambda a: model.apply(ace.best_variables, a))
     correction = full_fn(x_test) - model.apply(ace.best_variables, x_test, project=True)
     rotate = lambda k, a: c4_act(a, k)  # noqa: E731
-    summary = {
-        "seed": seed,
-        "baseline_mse": baseline.test["projection"]["mse"],
+    summary.update({
         "ace_projection_mse": ace.test["projection"]["mse"],
         "ace_full_mse": ace.test["full"]["mse"],
-        "floor_mse": float(np.mean(c4_floor_mse(data["test"]["y"]))),
-        "gamma_names": names,
         "final_gammas": [float(final[n]) for n in names],
         "selected_gammas": [float(selected[n]) for n in names],
         "ace_best_epoch": ace.best_epoch,
@@ -243,8 +263,7 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         # per pixel over the 3 non-trivial rotations).
         "ace_correction_rms": float(jnp.sqrt(jnp.mean(correction**2))),
         "ace_full_equivariance_error": float(equivariance_error(full_fn, x_test, (1, 2, 3), rotate, rotate)),
-        "seconds": {"baseline": baseline.seconds, "ace": ace.seconds},
-    }
+    })
     return TaskRun(summary, ace, baseline, model, data["test"])
 
 
@@ -300,10 +319,12 @@ def run_study(
     per_seed, results_tasks, diagnostics, gamma_names = {}, {}, {}, None
     for task_name in tasks:
         runs = []
+        plotted = False
         for seed in range(first_seed, first_seed + preset.seeds):
             run = run_task(task_name, preset, seed, out_dir, progress)
             runs.append(run.summary)
-            if seed == first_seed:
+            if not plotted and not isinstance(run.ace, Diverged):  # the first seed whose ACE run finished
+                plotted = True
                 title = f"{task_name}: ACE (resilient), seed {seed}"
                 plot_fig8(run.model, run.ace.best_variables, run.test, out_dir / f"fig8_{task_name}.png", title)
                 plot_trajectories(run.ace.history, out_dir / f"trajectories_{task_name}.png", title + ": γ / λ / u")
@@ -316,6 +337,7 @@ def run_study(
             "ace_full_mse": mean("ace_full_mse"),
             "floor_mse": mean("floor_mse"),
             "final_abs_gammas": np.mean(np.abs([r["final_gammas"] for r in runs]), axis=0).tolist(),
+            "diverged": [d for r in runs for d in r["diverged"]],
         }
         diagnostics[task_name] = {
             "ace_correction_rms": mean("ace_correction_rms"),
@@ -345,14 +367,17 @@ def results_table(results: dict, diagnostics: dict) -> str:
     short = [n.split("_breaking")[0] for n in results["config"]["gamma_names"]]
     header = ["task", "baseline", "ACE projection", "ACE full", "C4 floor", f"final |γ| ({', '.join(short)})",
               "RMS(full − proj)", "full equiv. err"]
+    def cell(value: float, spec: str) -> str:  # NaN: a seed of that mean diverged
+        return f"{value:{spec}}" if np.isfinite(value) else "no mean (diverged)"
+
     rows = []
     for name, r in results["tasks"].items():
         d = diagnostics[name]
         rows.append(
             [name]
-            + [f"{r[k]:.3e}" for k in ("baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse")]
-            + [", ".join(f"{g:.3f}" for g in r["final_abs_gammas"])]
-            + [f"{d['ace_correction_rms']:.3g}", f"{d['ace_full_equivariance_error']:.3g}"]
+            + [cell(r[k], ".3e") for k in ("baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse")]
+            + [", ".join(cell(g, ".3f") for g in r["final_abs_gammas"])]
+            + [cell(d["ace_correction_rms"], ".3g"), cell(d["ace_full_equivariance_error"], ".3g")]
         )
     return markdown_table(header, rows)
 
@@ -388,4 +413,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(report_diverged(main()))
