@@ -23,7 +23,9 @@ pixel of the branches' total effect, full − projection, and the full model's C
 equivariance error),
 ``fig8_<task>.png`` (rows of test examples: input, equivariant part = projection output,
 correction = full − projection, sum = full output, target), ``trajectories_<task>.png``
-(γ/λ/u per epoch of the first seed) and the engine's logs under ``runs/``.
+(γ/λ/u per epoch), both of the first seed whose ACE run did not diverge (none and any older
+figure of the task removed, with a note, if every seed diverged), and the engine's logs under
+``runs/``.
 
     {"config": {...},
      "tasks": {task: {"baseline_mse", "ace_projection_mse", "ace_full_mse", "floor_mse",
@@ -328,6 +330,10 @@ def run_study(
                 title = f"{task_name}: ACE (resilient), seed {seed}"
                 plot_fig8(run.model, run.ace.best_variables, run.test, out_dir / f"fig8_{task_name}.png", title)
                 plot_trajectories(run.ace.history, out_dir / f"trajectories_{task_name}.png", title + ": γ / λ / u")
+        if not plotted:  # no figure rather than one left from an earlier run into this folder
+            for figure in (f"fig8_{task_name}.png", f"trajectories_{task_name}.png"):
+                (out_dir / figure).unlink(missing_ok=True)
+            print(f"{task_name}: every seed's ACE run diverged; no figures", flush=True)
         gamma_names = runs[0]["gamma_names"]
         per_seed[task_name] = runs
         mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731

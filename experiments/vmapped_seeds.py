@@ -126,8 +126,8 @@ def fit_seeds_vmapped(
     seed stops (its log ends at its last good epoch) and the others train on.
 
     ``config.seed`` is ignored (the seeds come from ``seeds``); ``out_dirs`` (one per seed)
-    receive ``log.jsonl`` and ``checkpoint.msgpack`` as from ``fit`` (module doc: resume,
-    ``diverged.json``). ``FitResult.seconds`` is the wall
+    receive ``log.jsonl`` and ``checkpoint.msgpack`` as from ``fit`` (module doc: resume and
+    diverged seeds). ``FitResult.seconds`` is the wall
     time of the whole vmapped run (the same for every seed).
     """
     t_start = time.perf_counter()
@@ -163,8 +163,11 @@ def fit_seeds_vmapped(
             d.mkdir(parents=True, exist_ok=True)
         if config.resume:
             states, best, histories, next_epochs = _restore_seeds(dirs, states, best, fingerprints)
-        for d, history in zip(dirs, histories):
-            (d / LOG).write_text("".join(log_line(r) for r in history))
+        for d, history in zip(dirs, histories):  # as fit: the restored records, or no log yet
+            if history:
+                (d / LOG).write_text("".join(log_line(r) for r in history))
+            else:
+                (d / LOG).unlink(missing_ok=True)
     state, train_keys = jax.device_put(_stack(states)), jax.device_put(_stack(train_keys))
 
     @jax.jit
@@ -221,8 +224,9 @@ def fit_seeds_vmapped(
         for s in np.flatnonzero(active & (bad >= 0)):  # that seed stops here (its state is frozen); the others go on
             failed[int(s)] = (f"non-finite loss, gradient or updated state at step {int(bad[s])} (epoch {epoch}) "
                               f"with method {method.name!r}, seed {seeds[s]}: training stopped"
-                              + (f"; its last good checkpoint is kept in {dirs[s]}" if dirs is not None and histories[s]
-                                 else "") + ". Lower the learning rate or check the data.")
+                              + (f"; the last good checkpoint (epoch {histories[s][-1]['epoch']}) is kept at "
+                                 f"{dirs[s] / CHECKPOINT}" if dirs is not None and histories[s] else "")
+                              + ". Lower the learning rate or check the data.")
         trained = [s for s in range(num_seeds) if active[s] and s not in failed]
         loss_arr = np.asarray(jax.device_get(losses), np.float64)  # (steps, 2, S)
         evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs

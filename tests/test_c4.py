@@ -434,32 +434,41 @@ def test_study_rerun_into_the_same_folder_resumes_and_refuses_another_preset(tmp
 
 
 def test_study_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
-    # seed 1's ACE fit raises NonFiniteError (as a diverging run does): the study still writes
-    # every file, the baseline's mean, null ACE means, the run under "diverged", and exit status 1
+    # seed 0's ACE fit raises NonFiniteError (as a diverging run does): the study still writes
+    # every file (figures from seed 1), the baseline's mean, null ACE means, the run under
+    # "diverged", and exit status 1; with every ACE run diverged, no (and no stale) figures
     import json
 
     import ace_jax as aj
     from experiments import c4_toy
     from experiments.common import report_diverged
 
-    real_fit = c4_toy.fit
+    real_fit, failing = c4_toy.fit, {0}
 
     def fit(task, train, val, test, method, config):
-        if config.seed == 1 and not isinstance(method, str):  # the ACE run (a configured Method)
+        if config.seed in failing and not isinstance(method, str):  # the ACE run (a configured Method)
             raise aj.NonFiniteError("non-finite loss at step 2 (epoch 0)")
         return real_fit(task, train, val, test, method, config)
 
     monkeypatch.setattr(c4_toy, "fit", fit)
+    monkeypatch.setattr(c4_toy, "plot_fig8", lambda model, variables, test, path, title: path.write_text(title))
     preset = c4_toy.Preset(num_train=16, num_val=8, num_test=8, epochs=1, seeds=2, size=8, batch_size=8, channels=2,
                            num_layers=2)
     results, diagnostics = c4_toy.run_study(preset, ["square_to_rectangle"], 0, tmp_path, progress=False)
     stored = json.loads((tmp_path / "results.json").read_text())["tasks"]["square_to_rectangle"]
-    assert stored["diverged"] == [{"seed": 1, "method": "ace-resilient", "error": "non-finite loss at step 2 (epoch 0)"}]
+    assert stored["diverged"] == [{"seed": 0, "method": "ace-resilient", "error": "non-finite loss at step 2 (epoch 0)"}]
     assert stored["baseline_mse"] > 0 and stored["floor_mse"] > 0
     assert stored["ace_projection_mse"] is None and stored["ace_full_mse"] is None
     assert stored["final_abs_gammas"] == [None] * len(results["config"]["gamma_names"])
     per_seed = json.loads((tmp_path / "per_seed.json").read_text())["per_seed"]["square_to_rectangle"]
-    assert per_seed[0]["ace_projection_mse"] > 0 and per_seed[1]["ace_projection_mse"] is None
-    assert (tmp_path / "fig8_square_to_rectangle.png").is_file()  # from seed 0
+    assert per_seed[0]["ace_projection_mse"] is None and per_seed[1]["ace_projection_mse"] > 0
+    assert (tmp_path / "fig8_square_to_rectangle.png").read_text() == "square_to_rectangle: ACE (resilient), seed 1"
+    assert (tmp_path / "trajectories_square_to_rectangle.png").is_file()
     assert report_diverged(results) == 1
     assert "no mean (diverged)" in c4_toy.results_table(results, diagnostics)
+    failing.add(1)  # now every seed's ACE run diverges: the figures of the run above are removed
+    results, _ = c4_toy.run_study(preset, ["square_to_rectangle"], 0, tmp_path / "all", progress=False)
+    c4_toy.run_study(dataclasses.replace(preset, seeds=1), ["square_to_rectangle"], 1, tmp_path, progress=False)
+    assert not (tmp_path / "fig8_square_to_rectangle.png").exists()
+    assert not (tmp_path / "trajectories_square_to_rectangle.png").exists()
+    assert report_diverged(results) == 1
