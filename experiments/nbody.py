@@ -46,8 +46,8 @@ DIR/trajectories_<method>.png (γ/λ/u of the first seed) and per run DIR/<metho
 (engine log.jsonl + checkpoint; rerunning the same command into the same DIR resumes finished epochs;
 other settings are refused with an error). With
 ``--vmap-seeds`` (experiments/vmapped_seeds.py) all seeds of a method train in one compiled
-program, with the same per-seed log and checkpoint (a folder trained one way resumes the other
-way too).
+program (the seed axis split over the local devices), with the same per-seed log and checkpoint
+(a folder trained one way resumes the other way too).
 
 Measured at ``--preset paper`` (SEGNN, fan_in weights, one seed each unless noted, one core of a
 2-core CPU). Current model (node attribute Y0 = 1, as the reference SEGNN; models/segnn.py):

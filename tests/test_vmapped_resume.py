@@ -2,6 +2,11 @@
 checkpoints as ``fit``, seeds left at different epochs brought level, diverged seeds kept."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +174,36 @@ def test_vmapped_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
                               SEEDS[:2], out_dirs=dirs)
     assert [r["epoch"] for r in fresh[0].history] == [0]
     assert [len(list(open(d / "log.jsonl"))) for d in dirs] == [1, 1]  # the old logs are not continued
+
+
+def test_seeds_split_over_two_devices_give_the_one_device_numbers(tmp_path):
+    # the seed axis sharded over 2 (forced host) devices, a seed catching up included
+    script = textwrap.dedent(
+        f"""
+        import sys, json
+        sys.path.insert(0, {str(Path(__file__).parent)!r}); sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        import jax
+        import ace_jax as aj
+        from experiments.vmapped_seeds import fit_seeds_vmapped, seed_devices
+        from test_vmapped_resume import _task, _data, _config
+        assert jax.local_device_count() == 2, jax.devices()
+        counts = [len(seed_devices(n)) for n in (1, 2, 3, 4)] + [len(seed_devices(4, data_parallel=False))]
+        task, _ = _task()
+        data = _data()
+        out = {{"counts": counts}}
+        for dp in (True, False):
+            root = {str(tmp_path)!r} + f"/{{dp}}"
+            aj.fit(task, data, data, data, "unconstrained", _config(seed=0, epochs=2, out_dir=root + "/s0"))
+            got = fit_seeds_vmapped(task, data, data, data, "unconstrained", _config(data_parallel=dp), [0, 1],
+                                    out_dirs=[root + "/s0", root + "/s1"])
+            out[str(dp)] = [[r["train_loss"] for r in g.history] + [g.test["full"]["metric"], int(g.state.step)]
+                            for g in got]
+        print(json.dumps(out))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["counts"] == [1, 2, 1, 2, 1]
+    np.testing.assert_allclose(out["True"], out["False"], rtol=1e-5)
