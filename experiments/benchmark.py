@@ -1,6 +1,6 @@
 """Jit-benchmark one training step per model and method (vanilla, ACE equality, ACE resilient).
 
-    python -m experiments.benchmark --out DIR [--models c4_cnn,segnn] [--steps 50] [--batch N]
+    python -m experiments.benchmark --out DIR [--models c4_cnn,segnn] [--methods vanilla,ace] [--steps 50] [--batch N]
 
 For each model and method the step built by :func:`ace_jax.engine.make_trainer` (the same
 program ``fit`` runs: vmapped loss, primal Adam, dual ascent, slack descent) is compiled, warmed
@@ -14,8 +14,9 @@ plain (not spectrally normalised) branches, so their ``ace-resilient`` rows time
 vanilla step ratio) and writes DIR/benchmark.json after every model: a list of records
 ``{"model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90",
 "temp_mib", "page_faults_per_step", "timed_steps", "device"}``. Without ``--models``, a model
-whose study module or data is missing (QM9 without qm9pack, EGNO without ../shared/data) is
-skipped with a message; named in ``--models``, it is an error.
+whose study module or data is missing (EGNO without ../shared/data; the QM9 rows need no
+qm9pack, their batch comes from the tests' tiny QM9 file) is skipped with a message; named in
+``--models``, it is an error.
 
 ``temp_mib`` is the compiled step's scratch memory (XLA's memory analysis) and
 ``page_faults_per_step`` the process's minor page faults per timed step. On the CPU the XLA

@@ -1,6 +1,10 @@
 """The 2-D C4 toy study (ACE paper, App. A.4): Curie's principle and learned symmetry breaking.
 
-    python -m experiments.c4_toy --preset quick --out DIR [--seeds N] [--epochs N] [--tasks a,b]
+    python -m experiments.c4_toy --preset quick|full --out DIR [--seeds N] [--epochs N] [--tasks a,b]
+        [--branch in-kernel|normalize|tanh-shared] [--seed S] [--no-progress]
+
+``quick``: 256 / 64 / 128 images per task, 30 epochs, one seed (minutes on a CPU); ``full``:
+2048 / 256 / 512 images, 60 epochs, three seeds.
 
 For each task of :mod:`data.c4_toy` (square → square / rectangle / non-symmetric shape) it
 trains the strictly C4-equivariant CNN of :mod:`models.c4_cnn` (method ``vanilla``, the

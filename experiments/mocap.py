@@ -239,6 +239,7 @@ def _train_config(config: StudyConfig, method: str, seed: int, out_dir: Path, pr
         dual_learning_rate=config.dual_learning_rate, dual_optimizer=config.dual_optimizer,
         eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         select_on=select_on(method), select_metric=SELECT_METRIC, select_mode="min",
+        # one device: the paper's batch of 12 splits over few device counts, and its steps are small
         seed=seed, out_dir=str(out_dir), progress=progress, data_parallel=False,
         # what else a checkpoint depends on: the model and data settings (preset_run_settings
         # leaves out the seed count, and epochs, which the engine judges: a finished run can be extended)

@@ -5,7 +5,8 @@ with randomly dropped points.
         [--methods vanilla,ace,ace-resilient] [--seeds N] [--epochs N] [--dropout P]
         [--dropout-rule refill|first-point] [--studies clean,dropout] [--classes a,b,...]
         [--dual-proportional K] [--optimizer adam|sgd] [--learning-rate LR]
-        [--final-learning-rate LR] [--weight-decay WD]
+        [--final-learning-rate LR] [--weight-decay WD] [--branch-kind in_kernel|axis|dense]
+        [--pooling mean|max_mean] [--cache-dir DIR] [--seed S] [--no-progress]
 
 Data: ``--data synthetic`` (default) is the 40-class procedural stand-in of
 :mod:`data.shapes`; any other value is a local ModelNet40 folder for
