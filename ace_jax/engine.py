@@ -456,13 +456,7 @@ def fit(
             losses.append((metrics["loss"], metrics["lagrangian"]))
         bad = int(state.first_bad_step)
         if bad >= 0:
-            where = ""
-            if ckpt_path is not None and history:
-                where = f"; the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {ckpt_path}"
-            raise NonFiniteError(
-                f"non-finite loss, gradient or updated state at step {bad} (epoch {epoch}) with method {method.name!r}: "
-                f"training stopped{where}. Lower the learning rate or check the data."
-            )
+            raise NonFiniteError(non_finite_step_message(bad, epoch, method.name, history, ckpt_path))
         loss_arr = np.asarray(jax.device_get(losses), np.float64)
         record = {
             "epoch": epoch,
@@ -491,10 +485,7 @@ def fit(
             save_checkpoint(ckpt_path, state, best, epoch, history, fingerprint)
 
     if best["score"] is None and history:
-        raise NonFiniteError(
-            f"method {method.name!r}: the validation {config.select_on} metric was never finite, so no epoch "
-            "can be selected; the model produces NaN/inf on the validation split"
-        )
+        raise NonFiniteError(never_finite_message(method.name, config.select_on))
     test_scores = {}
     if test is not None:
         test_scores = {name: evaluate(best["variables"], test, p) for name, p in project_eval.items()}
@@ -507,6 +498,25 @@ def fit(
         state=state,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def non_finite_step_message(step: int, epoch: int, method_name: str, history: list, checkpoint: Path | None,
+                            seed: int | None = None) -> str:
+    """Why a run stopped at its first non-finite step, naming its last good checkpoint (if
+    ``checkpoint`` is given and ``history`` holds a finished epoch)."""
+    who = f"method {method_name!r}" + ("" if seed is None else f", seed {seed}")
+    where = ""
+    if checkpoint is not None and history:
+        where = f"; the last good checkpoint (epoch {history[-1]['epoch']}) is kept at {checkpoint}"
+    return (f"non-finite loss, gradient or updated state at step {step} (epoch {epoch}) with {who}: "
+            f"training stopped{where}. Lower the learning rate or check the data.")
+
+
+def never_finite_message(method_name: str, select_on: str, seed: int | None = None) -> str:
+    """Why a run has no selectable epoch: its validation metric was never finite."""
+    who = f"method {method_name!r}" + ("" if seed is None else f", seed {seed}")
+    return (f"{who}: the validation {select_on} metric was never finite, so no epoch can be selected; the model "
+            "produces NaN/inf on the validation split")
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -157,7 +157,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 import sys
 import time
@@ -183,7 +182,7 @@ from data.qm9 import (
     target_stats,
 )
 from experiments.common import SEGNN_PARAMETERIZATIONS, add_study_args, fmt, markdown_table, parse_list
-from experiments.common import Diverged, fit_seed, report_diverged, summarize, write_json
+from experiments.common import Diverged, array_digest, fit_seed, report_diverged, summarize, write_json
 from experiments.plotting import plot_curves, plot_trajectories
 from models.schnet import GRAPH_FIELDS, SchNet
 
@@ -637,15 +636,13 @@ def data_fingerprint(dataset: dict, values: np.ndarray, splits: PreparedSplits) 
     """A short hash of which molecules (by target value, in split order) each split holds: it
     changes with ``--split-seed``, ``--num-molecules`` and the CSV files, so a run folder never
     resumes a checkpoint trained on another split (whose training molecules may be this test set)."""
-    digest = hashlib.sha256()
+    per_split = []
     for rows in splits.indices:
         rows = np.asarray(rows, np.int64)
-        digest.update(rows.tobytes())
-        digest.update(np.asarray(values[rows], np.float64).tobytes())
-        # the molecules themselves: a CSV with the same targets but other geometries is other data
-        digest.update(np.ascontiguousarray(dataset["positions"][rows], np.float32).tobytes())
-        digest.update(np.ascontiguousarray(dataset["atomic_numbers"][rows], np.int32).tobytes())
-    return digest.hexdigest()[:16]
+        # the molecules themselves too: a CSV with the same targets but other geometries is other data
+        per_split.append([rows, np.asarray(values[rows], np.float64), np.asarray(dataset["positions"][rows], np.float32),
+                          np.asarray(dataset["atomic_numbers"][rows], np.int32)])
+    return array_digest(per_split)
 
 
 def results_table(model_name: str, targets: dict, methods: Sequence[str]) -> str:

@@ -49,8 +49,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ace_jax import FitResult, Task, TrainConfig, get_method, named_leaves, triangle_schedule
-from ace_jax.engine import (build_step, check_split, log_line, padded_batches, restore_checkpoint, run_fingerprint,
-                             save_checkpoint, selection_metric, weighted_metric_sums, with_selection)
+from ace_jax.engine import (build_step, check_split, log_line, never_finite_message, non_finite_step_message,
+                             padded_batches, restore_checkpoint, run_fingerprint, save_checkpoint, selection_metric,
+                             weighted_metric_sums, with_selection)
 from ace_jax.methods import Method
 from experiments.common import Diverged
 
@@ -240,11 +241,8 @@ def fit_seeds_vmapped(
         host_state = jax.device_get(state)
         bad = np.asarray(host_state.first_bad_step)
         for s in np.flatnonzero(active & (bad >= 0)):  # that seed stops here (its state is frozen); the others go on
-            failed[int(s)] = (f"non-finite loss, gradient or updated state at step {int(bad[s])} (epoch {epoch}) "
-                              f"with method {method.name!r}, seed {seeds[s]}: training stopped"
-                              + (f"; the last good checkpoint (epoch {histories[s][-1]['epoch']}) is kept at "
-                                 f"{dirs[s] / CHECKPOINT}" if dirs is not None and histories[s] else "")
-                              + ". Lower the learning rate or check the data.")
+            failed[int(s)] = non_finite_step_message(int(bad[s]), epoch, method.name, histories[s],
+                                                     None if dirs is None else dirs[s] / CHECKPOINT, seed=seeds[s])
         trained = [s for s in range(num_seeds) if active[s] and s not in failed]
         loss_arr = np.asarray(jax.device_get(losses), np.float64)  # (steps, 2, S)
         evaluated = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
@@ -288,8 +286,7 @@ def fit_seeds_vmapped(
 
     for s, b in enumerate(best):
         if s not in failed and b["score"] is None:
-            failed[s] = (f"method {method.name!r}, seed {seeds[s]}: the validation {config.select_on} metric was never "
-                         "finite, so no epoch can be selected; the model produces NaN/inf on the validation split")
+            failed[s] = never_finite_message(method.name, config.select_on, seed=seeds[s])
     final_states = jax.device_get(state)
     ok = [s for s in range(num_seeds) if s not in failed]
     test_scores = [{} for _ in seeds]
