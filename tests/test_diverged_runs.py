@@ -11,18 +11,7 @@ import ace_jax as aj
 from experiments import nbody
 from experiments.common import Diverged, diverged_list, fit_seed, report_diverged, summarize
 from experiments.vmapped_seeds import fit_seeds_vmapped, make_seed_evaluator
-from toy_models import OddModel
-
-
-def _task():
-    model = OddModel()
-
-    def loss(v, ex, rng, project):
-        mse = jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)
-        # NaN from the first step for an initial first weight > 0: which seeds diverge is fixed by init
-        return mse + jnp.where(v["params"]["Dense_0"]["kernel"][0, 0] > 0, jnp.nan, 0.0)
-
-    return aj.Task(init=lambda k, hb: model.init(k, np.zeros(2, np.float32), project=not hb), loss=loss), model
+from toy_models import odd_task
 
 
 def _first_weight(model, seed):
@@ -36,7 +25,7 @@ def _data(n=32):
 
 
 def test_vmapped_seeds_stop_a_diverged_seed_alone(tmp_path):
-    task, model = _task()
+    task, model = odd_task(nan_if_first_weight_positive=True)
     signs = {s: _first_weight(model, s) > 0 for s in range(12)}
     good, bad = next(s for s, p in signs.items() if not p), next(s for s, p in signs.items() if p)
     data = _data()
@@ -67,7 +56,7 @@ def test_seed_evaluator_keeps_padding_out_of_the_sums():
 
 
 def test_fit_seed_records_a_divergence_and_the_study_summary_voids_the_mean(capsys):
-    task, model = _task()
+    task, model = odd_task(nan_if_first_weight_positive=True)
     bad = next(s for s in range(12) if _first_weight(model, s) > 0)
     data = _data()
     config = aj.TrainConfig(epochs=1, batch_size=8, progress=False, seed=bad)
@@ -97,7 +86,7 @@ def test_fit_seed_records_a_divergence_and_the_study_summary_voids_the_mean(caps
 def test_vmapped_seed_without_a_finite_validation_score_is_diverged():
     # the metric is NaN for one seed's model only (training itself stays finite): as fit, that
     # seed cannot select an epoch; the other seed is unaffected
-    task, model = _task()
+    task, model = odd_task(nan_if_first_weight_positive=True)
     signs = {s: _first_weight(model, s) > 0 for s in range(12)}
     good, bad = next(s for s, p in signs.items() if not p), next(s for s, p in signs.items() if p)
     finite_loss = lambda v, ex, rng, project: jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)  # noqa: E731
@@ -113,7 +102,7 @@ def test_vmapped_seed_without_a_finite_validation_score_is_diverged():
 
 def test_log_lines_are_strict_json_with_null_for_nan(tmp_path):
     # a NaN validation metric is logged as null (Python's json would write the token NaN)
-    task, model = _task()
+    task, model = odd_task(nan_if_first_weight_positive=True)
     finite_loss = lambda v, ex, rng, project: jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)  # noqa: E731
     task = aj.Task(init=task.init, loss=finite_loss,
                    metric=lambda v, ex, project: {"mse": finite_loss(v, ex, None, project), "nan": jnp.nan})

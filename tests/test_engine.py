@@ -1,9 +1,6 @@
 """The training engine: learning, resume == uninterrupted, NaN guard, clear errors, sharding."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import optax
 import pytest
 
 import ace_jax as aj
+from cpu_devices import run_on_cpu_devices
 from toy_models import OddModel
 
 
@@ -316,10 +314,7 @@ def test_data_parallel_over_two_cpu_devices_matches_one_device(tmp_path):
         print(json.dumps(out))
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_cpu_devices(script)
     np.testing.assert_allclose(out["True"], out["False"], rtol=1e-4, atol=1e-6)
 
 

@@ -2,14 +2,10 @@
 checkpoints as ``fit``, seeds left at different epochs brought level, diverged seeds kept."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,27 +13,10 @@ import ace_jax as aj
 from experiments import vmapped_seeds
 from experiments.common import Diverged
 from experiments.vmapped_seeds import fit_seeds_vmapped
-from toy_models import OddModel
+from cpu_devices import run_on_cpu_devices
+from toy_models import odd_task
 
 SEEDS = [0, 1, 2]
-
-
-def _task(nan_if_first_weight_positive=False):
-    model = OddModel()
-    x0 = np.zeros(2, np.float32)
-
-    def loss(v, ex, rng, project):
-        mse = jnp.mean((model.apply(v, ex["x"], project=project) - ex["y"]) ** 2)
-        if nan_if_first_weight_positive:  # which seeds diverge (at their first step) is fixed by init
-            mse = mse + jnp.where(v["params"]["Dense_0"]["kernel"][0, 0] > 0, jnp.nan, 0.0)
-        return mse
-
-    def flip(rng, ex):  # a random sign flip of input and target: "unconstrained" draws it from each step's key
-        sign = jnp.where(jax.random.bernoulli(rng), -1.0, 1.0)
-        return {"x": sign * ex["x"], "y": sign * ex["y"]}
-
-    return aj.Task(init=lambda k, has_branches: model.init(k, x0, project=not has_branches), loss=loss,
-                   transform=flip), model
 
 
 def _data(n=48):
@@ -89,7 +68,7 @@ def _assert_same_run(got, want, rtol=1e-6):
 @pytest.mark.parametrize("method", ["ace", "unconstrained"])  # unconstrained: each step's key draws the flips
 def test_a_run_killed_between_two_seeds_checkpoints_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch,
                                                                                        method):
-    task, _ = _task()
+    task, _ = odd_task()
     data = _data()
     whole = fit_seeds_vmapped(task, data, data, data, method, _config(), SEEDS,
                               out_dirs=[tmp_path / "whole" / f"s{s}" for s in SEEDS])
@@ -121,7 +100,7 @@ def test_a_run_killed_between_two_seeds_checkpoints_resumes_to_the_uninterrupted
 
 
 def test_a_seed_added_later_catches_up_and_equals_its_own_run(tmp_path, monkeypatch):
-    task, _ = _task()
+    task, _ = odd_task()
     data = _data()
     dirs = [tmp_path / f"s{s}" for s in SEEDS]
     aj.fit(task, data, data, data, "ace", _config(seed=0, epochs=2, out_dir=str(dirs[0])))  # seed 0 alone, by fit
@@ -136,7 +115,7 @@ def test_a_seed_added_later_catches_up_and_equals_its_own_run(tmp_path, monkeypa
 def test_a_diverged_seed_diverges_again_on_resume_and_the_others_are_kept(tmp_path):
     # NaN wherever the first weight is > 0: some seeds start there (fail at step 0, no
     # checkpoint), some cross later (fail after a few good epochs), some never do
-    task, _ = _task(nan_if_first_weight_positive=True)
+    task, _ = odd_task(nan_if_first_weight_positive=True)
     data = _data()
     seeds = list(range(8))
     dirs = [tmp_path / f"s{s}" for s in seeds]
@@ -162,7 +141,7 @@ def test_a_diverged_seed_diverges_again_on_resume_and_the_others_are_kept(tmp_pa
 
 
 def test_vmapped_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
-    task, _ = _task()
+    task, _ = odd_task()
     data = _data()
     dirs = [tmp_path / f"s{s}" for s in SEEDS[:2]]
     fit_seeds_vmapped(task, data, data, data, "ace", _config(epochs=2), SEEDS[:2], out_dirs=dirs)
@@ -185,10 +164,11 @@ def test_seeds_split_over_two_devices_give_the_one_device_numbers(tmp_path):
         import jax
         import ace_jax as aj
         from experiments.vmapped_seeds import fit_seeds_vmapped, seed_devices
-        from test_vmapped_resume import _task, _data, _config
+        from test_vmapped_resume import _data, _config
+        from toy_models import odd_task
         assert jax.local_device_count() == 2, jax.devices()
         counts = [len(seed_devices(n)) for n in (1, 2, 3, 4)] + [len(seed_devices(4, data_parallel=False))]
-        task, _ = _task()
+        task, _ = odd_task()
         data = _data()
         out = {{"counts": counts}}
         for dp in (True, False):
@@ -201,9 +181,6 @@ def test_seeds_split_over_two_devices_give_the_one_device_numbers(tmp_path):
         print(json.dumps(out))
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_cpu_devices(script)
     assert out["counts"] == [1, 2, 1, 2, 1]
     np.testing.assert_allclose(out["True"], out["False"], rtol=1e-5)
