@@ -1,6 +1,7 @@
 """Jit-benchmark one training step per model and method (vanilla, ACE equality, ACE resilient).
 
     python -m experiments.benchmark --out DIR [--models c4_cnn,segnn] [--methods vanilla,ace] [--steps 50] [--batch N]
+        [--devices N]
 
 For each model and method the step built by :func:`ace_jax.engine.make_trainer` (the same
 program ``fit`` runs: vmapped loss, primal Adam, dual ascent, slack descent) is compiled, warmed
@@ -13,7 +14,13 @@ plain (not spectrally normalised) branches, so their ``ace-resilient`` rows time
 (spectral branches, 10 power steps per branch and step). Prints a table (with the ACE /
 vanilla step ratio) and writes DIR/benchmark.json after every model: a list of records
 ``{"model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90",
-"temp_mib", "page_faults_per_step", "timed_steps", "device"}``. Without ``--models``, a model
+"temp_mib", "page_faults_per_step", "timed_steps", "devices", "device"}``.
+
+``--devices N`` times the step ``fit`` runs on N devices (``TrainConfig(data_parallel=True)``):
+each batch split along its example axis over the first N local devices (a one-axis
+``jax.sharding`` mesh), the state replicated; ``devices`` in a record is the number of devices
+the trained state ends on. The batch must divide evenly. On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N host devices. Without ``--models``, a model
 whose study module or data is missing (EGNO without ../shared/data; the QM9 rows need no
 qm9pack, their batch comes from the tests' tiny QM9 file) is skipped with a message; named in
 ``--models``, it is an error.
@@ -38,7 +45,10 @@ interleaved run of 60 steps per setting, ``XLA_FLAGS=...``; vanilla / ACE median
 ``--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`` added 44.7 / 52.0
 ms (1.16×, the vanilla step slower); ``--xla_cpu_use_onednn=true`` 34.3 / 43.5 ms (1.27×);
 ``--xla_cpu_enable_concurrency_optimized_scheduler=true`` 36.5 / 45.9 ms (1.26×). The code sets
-no XLA flag.
+no XLA flag. Nor does splitting the batch over two host devices, one per core (session 25, both
+trainings paused, ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, 60 steps): vanilla /
+ACE 28.0 / 37.5 ms (1.34×) with ``--devices 1`` against 33.1 / 43.5 ms (1.31×) with
+``--devices 2``.
 
 On one NVIDIA H200 (README, "On a GPU"; one run per model, 100 steps) the small graph steps
 run far below the card's arithmetic and memory rates, so their time seems to follow the number
@@ -58,6 +68,8 @@ import time
 
 import jax
 import numpy as np
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ace_jax import TrainConfig, make_trainer
 from experiments.common import markdown_table, parse_list, write_json
@@ -84,27 +96,55 @@ def param_count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def compile_step(task, batch, method: str, seed: int = 0):
-    """``(state, compiled_step, compile_s)`` for ``task`` under ``method`` on one fixed ``batch``."""
+def compile_step(task, batch, method: str, seed: int = 0, state_sharding=None):
+    """``(state, compiled_step, compile_s)`` for ``task`` under ``method`` on one fixed ``batch``.
+
+    ``state_sharding`` (e.g. replicated over a mesh, as ``fit`` places it) places the initial
+    state; the compiled step takes the shardings of the state and of ``batch`` as given."""
     config = TrainConfig(epochs=1, batch_size=1, progress=False)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     state, train_step = make_trainer(task, method, config, init_key, train_key)
+    if state_sharding is not None:
+        state = jax.device_put(state, state_sharding)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     return state, compiled, time.perf_counter() - t0
 
 
-def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10) -> dict:
+def data_parallel(batch, devices: int):
+    """``(batch, state_sharding)`` for a step over the first ``devices`` local devices, as ``fit``
+    runs it with ``TrainConfig(data_parallel=True)``: the batch split along its leading (example)
+    axis over a one-axis mesh ``"data"``, the state replicated. One device: the batch on the
+    default device and no state placement (the plain single-device step)."""
+    available = jax.local_devices()
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if devices > len(available):
+        raise ValueError(
+            f"{devices} devices requested but JAX sees {len(available)} local device(s) ({available[0].platform}); "
+            "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices"
+        )
+    if devices == 1:
+        return jax.device_put(batch), None
+    sizes = {np.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
+    if any(size % devices for size in sizes):
+        raise ValueError(f"a batch of {sorted(sizes)} examples cannot be split evenly over {devices} devices")
+    mesh = Mesh(np.array(available[:devices]), ("data",))
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))), NamedSharding(mesh, PartitionSpec())
+
+
+def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10, devices: int = 1) -> dict:
     """Compile every method's step, then time them *interleaved*: ``rounds`` rounds in which each
     method runs ``ceil(steps / rounds)`` steps in turn (so ``steps`` is rounded up to a multiple
     of ``rounds``; the record's ``timed_steps`` says how many were timed) (in reversed order every other round), so
     a slow phase of a shared machine hits all methods alike instead of whichever happened to run
     then, and no method always runs first. Returns per method the
-    parameter count, compile seconds and the median / p90 of the per-step wall times."""
-    batch = jax.device_put(batch)
+    parameter count, compile seconds, the median / p90 of the per-step wall times and the number
+    of devices the trained state ends on (``devices`` > 1: the step of :func:`data_parallel`)."""
+    batch, state_sharding = data_parallel(batch, devices)
     runs = {}
     for method in methods:
-        state, compiled, compile_s = compile_step(task, batch, method)
+        state, compiled, compile_s = compile_step(task, batch, method, state_sharding=state_sharding)
         for _ in range(warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready(state)
@@ -136,6 +176,7 @@ def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int 
             "temp_mib": scratch_mib(run["step"]),
             "page_faults_per_step": round(run["faults"] / len(times_ms), 1),
             "timed_steps": len(times_ms),
+            "devices": len(jax.tree.leaves(run["state"].params)[0].sharding.device_set),
         }
     return out
 
@@ -164,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=50, help="timed steps after warm-up (>= 50 recommended)")
     parser.add_argument("--batch", type=int, default=None, help="override every model's default batch")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="split each batch over this many local devices, state replicated (as fit does)")
     args = parser.parse_args(argv)
 
     models = parse_list(args.models, tuple(MODELS), "models")  # all models when not given
@@ -172,6 +215,13 @@ def main(argv=None):
         raise SystemExit("--steps must be >= 1")
     if args.batch is not None and args.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    if args.devices < 1:
+        raise SystemExit(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > jax.local_device_count():
+        raise SystemExit(
+            f"--devices {args.devices}: JAX sees {jax.local_device_count()} local device(s); on a CPU, "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices} makes that many host devices"
+        )
 
     device = str(jax.devices()[0].device_kind)
     records, rows = [], []
@@ -184,7 +234,9 @@ def main(argv=None):
             # e.g. egno without ../shared/data (the MoCap file) or qm9 models without qm9pack
             print(f"skipping {model}: its study module or data is not available ({err})")
             continue
-        timings = time_methods(task, batch, methods, args.steps)
+        if size % args.devices:
+            raise SystemExit(f"{model}: a batch of {size} examples cannot be split evenly over {args.devices} devices")
+        timings = time_methods(task, batch, methods, args.steps, devices=args.devices)
         base = timings["vanilla"]["step_ms_median"] if "vanilla" in timings else None
         for method in methods:
             rec = {"model": model, "method": method, "batch": size, **timings[method], "device": device}
@@ -202,7 +254,8 @@ def main(argv=None):
         write_json(f"{args.out}/benchmark.json", records)  # after every model: a later failure keeps these
     headers = ["model", "method", "batch", "params", "compile s", "median ms", "p90 ms", "vs vanilla", "scratch MiB", "faults/step"]
     table = markdown_table(headers, rows)
-    print(f"\ndevice: {device}\n" + table)
+    split = f" x {args.devices} (each batch split over them, state replicated)" if args.devices > 1 else ""
+    print(f"\ndevice: {device}{split}\n" + table)
     write_json(f"{args.out}/benchmark.json", records)
 
 

@@ -26,10 +26,11 @@ def test_cli_writes_the_documented_records(tmp_path, capsys):
     for r in records:
         assert set(r) == {
             "model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90", "temp_mib",
-            "page_faults_per_step", "timed_steps", "device",
+            "page_faults_per_step", "timed_steps", "devices", "device",
         }
         assert r["model"] == "c4_cnn" and r["batch"] == 2 and r["timed_steps"] == 10  # 2 rounded up to 10 rounds
         assert r["temp_mib"] > 0 and r["page_faults_per_step"] >= 0
+        assert r["devices"] == 1
     out = capsys.readouterr().out
     ace_row = next(line for line in out.splitlines() if line.startswith("| c4_cnn | ace |"))
     vanilla_row = next(line for line in out.splitlines() if line.startswith("| c4_cnn | vanilla |"))
@@ -58,7 +59,49 @@ def test_unknown_model_is_rejected(tmp_path):
     (["--methods", "ace,ace"], "methods named more than once: ace"),
     (["--methods", "ace,bogus"], "unknown methods: bogus"),
     (["--models", "c4_cnn,c4_cnn"], "models named more than once: c4_cnn"),
+    (["--devices", "0"], "--devices must be >= 1"),
+    (["--devices", "2"], "--devices 2: JAX sees 1 local device"),
 ])
 def test_invalid_cli_values_are_refused(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(["--out", str(tmp_path), "--models", "c4_cnn", *flags])
+
+
+def test_data_parallel_step_splits_the_batch_and_keeps_the_numbers():
+    """Under two forced host devices, ``--devices 2`` times the step with the batch split over both
+    and the state replicated on both; it computes the one-device step (same state after the
+    warm-up and timed steps, to float32 round-off). A batch that does not divide is refused."""
+    from tests.cpu_devices import run_on_cpu_devices
+
+    script = """
+import json, sys
+import jax, numpy as np
+from experiments import benchmark
+task, batch, _ = benchmark.load_case("c4_cnn", 4)
+states = {}
+for devices in (1, 2):
+    b, sharding = benchmark.data_parallel(batch, devices)
+    state, step, _ = benchmark.compile_step(task, b, "ace", state_sharding=sharding)
+    for _ in range(3):
+        state, _ = step(state, b)
+    states[devices] = state
+    placed = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(b)}
+    shard_rows = {s.data.shape[0] for leaf in jax.tree.leaves(b) for s in leaf.addressable_shards}
+    print(devices, sorted(placed), sorted(shard_rows), file=sys.stderr)
+    if devices == 2:
+        assert placed == {2} and shard_rows == {2}, (placed, shard_rows)  # 4 examples, 2 per device
+        assert {len(l.sharding.device_set) for l in jax.tree.leaves(state.params)} == {2}
+diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(states[2].params)))
+timed = benchmark.time_methods(task, batch, ["ace"], steps=1, warmup=1, rounds=1, devices=2)
+try:
+    benchmark.data_parallel(benchmark.load_case("c4_cnn", 3)[1], 2)
+    refused = ""
+except ValueError as err:
+    refused = str(err)
+print(json.dumps({"diff": diff, "devices": {m: r["devices"] for m, r in timed.items()}, "refused": refused}))
+"""
+    out = run_on_cpu_devices(script)
+    assert out["diff"] < 1e-5
+    assert out["devices"] == {"ace": 2}
+    assert "a batch of [3] examples cannot be split evenly over 2 devices" in out["refused"]
