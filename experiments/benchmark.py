@@ -14,16 +14,17 @@ plain (not spectrally normalised) branches, so their ``ace-resilient`` rows time
 (spectral branches, 10 power steps per branch and step). Prints a table (with the ACE /
 vanilla step ratio) and writes DIR/benchmark.json after every model: a list of records
 ``{"model", "method", "batch", "params", "compile_s", "step_ms_median", "step_ms_p90",
-"temp_mib", "page_faults_per_step", "timed_steps", "devices", "device"}``.
-
-``--devices N`` times the step ``fit`` runs on N devices (``TrainConfig(data_parallel=True)``):
-each batch split along its example axis over the first N local devices (a one-axis
-``jax.sharding`` mesh), the state replicated; ``devices`` in a record is the number of devices
-the trained state ends on. The batch must divide evenly. On a CPU,
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N host devices. Without ``--models``, a model
+"temp_mib", "page_faults_per_step", "timed_steps", "devices", "device"}``. Without ``--models``, a model
 whose study module or data is missing (EGNO without ../shared/data; the QM9 rows need no
 qm9pack, their batch comes from the tests' tiny QM9 file) is skipped with a message; named in
 ``--models``, it is an error.
+
+``--devices N`` times the step ``fit`` runs on N devices (``TrainConfig(data_parallel=True)``,
+the default, uses every local device): each batch split along its example axis over the first
+N local devices (a one-axis ``jax.sharding`` mesh), the state replicated; ``devices`` in a
+record is the number of devices the trained state ends on. Every model's batch must divide by
+N (checked before anything is timed). On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N host devices.
 
 ``temp_mib`` is the compiled step's scratch memory (XLA's memory analysis) and
 ``page_faults_per_step`` the process's minor page faults per timed step. On the CPU the XLA
@@ -222,6 +223,10 @@ def main(argv=None):
             f"--devices {args.devices}: JAX sees {jax.local_device_count()} local device(s); on a CPU, "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices} makes that many host devices"
         )
+    for model in models:
+        size = args.batch if args.batch is not None else MODELS[model][2]
+        if size % args.devices:
+            raise SystemExit(f"{model}: a batch of {size} examples cannot be split evenly over {args.devices} devices")
 
     device = str(jax.devices()[0].device_kind)
     records, rows = [], []
@@ -234,8 +239,6 @@ def main(argv=None):
             # e.g. egno without ../shared/data (the MoCap file) or qm9 models without qm9pack
             print(f"skipping {model}: its study module or data is not available ({err})")
             continue
-        if size % args.devices:
-            raise SystemExit(f"{model}: a batch of {size} examples cannot be split evenly over {args.devices} devices")
         timings = time_methods(task, batch, methods, args.steps, devices=args.devices)
         base = timings["vanilla"]["step_ms_median"] if "vanilla" in timings else None
         for method in methods:

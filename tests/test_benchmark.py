@@ -69,39 +69,45 @@ def test_invalid_cli_values_are_refused(tmp_path, flags, message):
 
 def test_data_parallel_step_splits_the_batch_and_keeps_the_numbers():
     """Under two forced host devices, ``--devices 2`` times the step with the batch split over both
-    and the state replicated on both; it computes the one-device step (same state after the
-    warm-up and timed steps, to float32 round-off). A batch that does not divide is refused."""
+    and the state replicated on both, and that step computes the one-device step (same
+    parameters after three steps, to float32 round-off). A batch that does not divide is refused,
+    by the CLI before anything is timed."""
     from tests.cpu_devices import run_on_cpu_devices
 
     script = """
-import json, sys
+import json
 import jax, numpy as np
 from experiments import benchmark
 task, batch, _ = benchmark.load_case("c4_cnn", 4)
-states = {}
+params = {}
 for devices in (1, 2):
     b, sharding = benchmark.data_parallel(batch, devices)
     state, step, _ = benchmark.compile_step(task, b, "ace", state_sharding=sharding)
     for _ in range(3):
         state, _ = step(state, b)
-    states[devices] = state
-    placed = {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(b)}
-    shard_rows = {s.data.shape[0] for leaf in jax.tree.leaves(b) for s in leaf.addressable_shards}
-    print(devices, sorted(placed), sorted(shard_rows), file=sys.stderr)
+    params[devices] = state.params
     if devices == 2:
-        assert placed == {2} and shard_rows == {2}, (placed, shard_rows)  # 4 examples, 2 per device
-        assert {len(l.sharding.device_set) for l in jax.tree.leaves(state.params)} == {2}
+        assert {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(b)} == {2}
+        assert {s.data.shape[0] for leaf in jax.tree.leaves(b) for s in leaf.addressable_shards} == {2}  # 4 = 2 + 2
+        assert {len(leaf.sharding.device_set) for leaf in jax.tree.leaves(state.params)} == {2}
 diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-           for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(states[2].params)))
+           for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[2])))
 timed = benchmark.time_methods(task, batch, ["ace"], steps=1, warmup=1, rounds=1, devices=2)
+refused = []
 try:
     benchmark.data_parallel(benchmark.load_case("c4_cnn", 3)[1], 2)
-    refused = ""
 except ValueError as err:
-    refused = str(err)
+    refused.append(str(err))
+try:
+    benchmark.main(["--out", "/dev/null/never", "--models", "c4_cnn,segnn", "--batch", "3", "--devices", "2"])
+except SystemExit as err:
+    refused.append(str(err))
 print(json.dumps({"diff": diff, "devices": {m: r["devices"] for m, r in timed.items()}, "refused": refused}))
 """
     out = run_on_cpu_devices(script)
     assert out["diff"] < 1e-5
     assert out["devices"] == {"ace": 2}
-    assert "a batch of [3] examples cannot be split evenly over 2 devices" in out["refused"]
+    assert out["refused"] == [
+        "a batch of [3] examples cannot be split evenly over 2 devices",
+        "c4_cnn: a batch of 3 examples cannot be split evenly over 2 devices",
+    ]
