@@ -357,6 +357,13 @@ def build_step(task: Task, method: Method | str, config: TrainConfig):
     return init_state, step
 
 
+def data_shardings(devices) -> tuple[NamedSharding, NamedSharding]:
+    """``(batch_sharding, replicated)`` of data-parallel training over ``devices``: a one-axis mesh
+    ``"data"``; batches split along their leading (example) axis, the state copied to every device."""
+    mesh = Mesh(np.array(devices), ("data",))
+    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+
 def make_trainer(task: Task, method: Method | str, config: TrainConfig, init_key: jax.Array, train_key: jax.Array):
     """Initial :class:`TrainState` and the jitted ``train_step(state, batch) -> (state, metrics)``.
 
@@ -401,9 +408,7 @@ def fit(
             f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be divisible "
             f"by the number of devices ({len(devices)})"
         )
-    mesh = Mesh(np.array(devices), ("data",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding, replicated = data_shardings(devices)
 
     # Model, optimizers, state, and the jitted primal–dual step.
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))

@@ -70,9 +70,8 @@ import time
 import jax
 import numpy as np
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 from ace_jax import TrainConfig, make_trainer
+from ace_jax.engine import data_shardings
 from experiments.common import markdown_table, parse_list, write_json
 
 # model name -> (study module, extra positional args to benchmark_case before batch, default
@@ -130,8 +129,8 @@ def data_parallel(batch, devices: int):
     sizes = {np.shape(leaf)[0] for leaf in jax.tree.leaves(batch)}
     if any(size % devices for size in sizes):
         raise ValueError(f"a batch of {sorted(sizes)} examples cannot be split evenly over {devices} devices")
-    mesh = Mesh(np.array(available[:devices]), ("data",))
-    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))), NamedSharding(mesh, PartitionSpec())
+    batch_sharding, replicated = data_shardings(available[:devices])  # the shardings fit uses
+    return jax.device_put(batch, batch_sharding), replicated
 
 
 def time_methods(task, batch, methods, steps: int, warmup: int = 5, rounds: int = 10, devices: int = 1) -> dict:
