@@ -130,7 +130,7 @@ augmentation 5.7e-3, scheduled relaxation 4.9e-3):
   of their separate times). The engine checkpoints every epoch and resumes to the numbers of an
   uninterrupted run, so the paper-preset run was done in parts (sessions 24–25), repeating the
   same command into the same ``--out``; its settings were fixed before it started.
-- ``scheduled`` on seed 0 (seed 1 was at epoch 965 of 2000 at the end of session 25 and
+- ``scheduled`` on seed 0 (seed 1 was at epoch 1172 of 2000 at the end of session 25 and
   continues): projection 0.00401, full model 0.00399, 8 % below vanilla's 0.00435 on the same
   seed and level with ACE's projection (0.00395 plain ascent / 0.00394 Adam dual, +2 %), where
   the paper has scheduled relaxation well behind ACE (4.9e-3 against 3.8e-3). It was selected at
