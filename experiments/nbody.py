@@ -141,7 +141,8 @@ augmentation 5.7e-3, scheduled relaxation 4.9e-3):
 ² The EGNN penalty run and this project's tests shared the machine for most of the run.
 ³ Sum of the per-epoch training seconds in the run's log.jsonl (7–10 s per epoch with the other
 core busy, 5.7 s alone); the run's results.json ``wall_s`` (8388 s) counts only the last part,
-and each part first spent about 7 minutes compiling.
+and each part first spent about 7 minutes compiling. results.json now also records this sum
+(``train_s``, :func:`method_summary`).
 
 On one NVIDIA H200 (JAX 0.11.2) the same ACE run (seed 0, ``--epochs 10`` as a probe) took
 0.30–0.37 s per epoch after 23 s (train step) and 22 s (evaluation) of compilation: about
@@ -618,15 +619,24 @@ def load_splits(train_size: int, val_size: int, test_size: int, field: float, ca
     }
 
 
-def method_summary(results, seeds) -> dict:
+def method_summary(results, seeds, shared_program: bool = False) -> dict:
     """One method's entry of results.json from its per-seed ``FitResult``s; a :class:`Diverged`
-    seed enters the summaries as NaN (mean and std null) and its lists as NaN / None."""
+    seed enters the summaries as NaN (mean and std null) and its lists as NaN / None.
+
+    ``train_s_per_seed`` is the sum of the per-epoch ``seconds`` in each seed's history, which
+    holds every epoch of a run resumed in parts (``wall_s``, set by :func:`run_study`, times only
+    the last call). ``train_s`` adds them over seeds; with ``shared_program`` (``--vmap-seeds``:
+    every seed's record holds the time of the one pass all seeds share) it is the largest instead.
+    A diverged seed keeps no history and is not counted (None).
+    """
 
     def per_seed(read, missing=float("nan")):
         return [missing if isinstance(r, Diverged) else read(r) for r in results]
 
     projection = per_seed(lambda r: float(r.test["projection"][METRIC]))
     full = per_seed(lambda r: float(r.test["full"][METRIC]))
+    train_s = per_seed(lambda r: float(sum(record["seconds"] for record in r.history)), None)
+    counted = [t for t in train_s if t is not None]
     return {
         "test_mse_projection": summarize(projection),
         "test_mse_full": summarize(full),
@@ -638,6 +648,8 @@ def method_summary(results, seeds) -> dict:
         "final_multipliers": per_seed(lambda r: r.history[-1]["multiplier"], None),
         "final_slacks": per_seed(lambda r: r.history[-1]["slack"], None),
         "diverged": diverged_list(results),
+        "train_s_per_seed": train_s,
+        "train_s": (max(counted) if shared_program else sum(counted)) if counted else None,
     }
 
 
@@ -654,10 +666,11 @@ def render_table(model_name: str, summaries: dict, config: dict) -> str:
             deployed,
             ", ".join("diverged" if e is None else str(e) for e in entry["best_epoch"]),
             f"{entry['equivariance_full']['so3']['mean']:.1e} / {entry['equivariance_full']['z']['mean']:.1e}",
+            "–" if entry["train_s"] is None else f"{entry['train_s']:.0f}",
             f"{entry['wall_s']:.0f}",
         ])
     header = ["Method", "Test MSE (projection)", "Test MSE (full)", "Selected on", "Best epoch",
-              "Full model's equivariance error, SO(3) / about z", "Wall s"]
+              "Full model's equivariance error, SO(3) / about z", "Training s (all epochs)", "Wall s (this call)"]
     intro = (
         f"N-body (charged, 5 particles), {config['train_size']} train / {config['val_size']} val / "
         f"{config['test_size']} test, field E = {config['field']}, {config['epochs']} epochs, "
@@ -728,7 +741,7 @@ def run_study(args: argparse.Namespace) -> dict:
                                                       dataclasses.replace(config, seed=s, out_dir=str(d))), s)
                 for s, d in zip(seeds, run_dirs)
             ]
-        entry = method_summary(results, seeds)
+        entry = method_summary(results, seeds, shared_program=args.vmap_seeds)
         # same rotations for every method of a seed (paired); the test split the study reports on;
         # one predict per method, so the seeds share one compiled program
         predict = make_predict(model)

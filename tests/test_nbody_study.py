@@ -151,7 +151,7 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
     assert set(results["methods"]) == {"ace-resilient"}
     keys = {"test_mse_projection", "test_mse_full", "test_mse_projection_per_seed", "test_mse_full_per_seed",
             "best_epoch", "seeds", "final_gammas", "final_multipliers", "final_slacks", "equivariance_full", "wall_s",
-            "diverged"}
+            "diverged", "train_s", "train_s_per_seed"}
     for name, entry in results["methods"].items():
         assert set(entry) == keys, name
         assert entry["diverged"] == []
@@ -159,6 +159,9 @@ def test_cli_writes_results_schema(tmp_path, monkeypatch, tiny_task):
             assert set(entry[key]) == {"mean", "std"} and entry[key]["mean"] > 0
             assert entry[f"{key}_per_seed"] == [pytest.approx(entry[key]["mean"])]  # one seed: its value is the mean
         assert entry["seeds"] == [0] and entry["best_epoch"] == [0] and entry["wall_s"] > 0
+        logged = [json.loads(line)["seconds"] for line in (out / name / "seed0" / "log.jsonl").read_text().splitlines()]
+        assert entry["train_s_per_seed"] == [pytest.approx(sum(logged))] and entry["train_s"] == pytest.approx(sum(logged))
+        assert 0 < entry["train_s"] < entry["wall_s"]  # wall_s also counts evaluation and set-up
         assert len(entry["final_gammas"][0]) == 1  # one layer: only the coordinate branch
         equivariance = entry["equivariance_full"]
         assert equivariance["examples"] == 8 and equivariance["rotations"] == study.EQUIVARIANCE_ROTATIONS
@@ -283,6 +286,7 @@ def test_a_diverged_seed_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     assert entry["test_mse_projection"] == {"mean": None, "std": None}
     assert entry["test_mse_projection_per_seed"][0] > 0 and entry["test_mse_projection_per_seed"][1] is None
     assert entry["best_epoch"] == [0, None] and entry["final_gammas"][1] is None
+    assert entry["train_s_per_seed"][1] is None and entry["train_s"] == pytest.approx(entry["train_s_per_seed"][0])
     assert "diverged" in (out / "table.md").read_text()
     assert (out / "trajectories_ace.png").is_file()
     from experiments.common import report_diverged
@@ -312,7 +316,9 @@ def test_vmap_seeds_folders_resume_either_way(tmp_path, monkeypatch, tiny_task):
     monkeypatch.setattr(study, "make_task", lambda model, example, field=0.0: tiny_task)
     monkeypatch.setitem(study.PRESETS, "quick", {**study.PRESETS["quick"], "batch_size": 4, "eval_every": 1})
     common = ["--preset", "quick", "--model", "egnn", "--methods", "ace", "--seeds", "2", "--no-progress"]
-    study.main([*common, "--out", str(tmp_path / "a"), "--epochs", "1", "--vmap-seeds"])
+    vmapped = study.main([*common, "--out", str(tmp_path / "a"), "--epochs", "1", "--vmap-seeds"])["methods"]["ace"]
+    # both seeds' records hold the one shared pass's time: the method's total counts it once
+    assert vmapped["train_s_per_seed"][0] == vmapped["train_s_per_seed"][1] == vmapped["train_s"] > 0
     first = [(tmp_path / "a" / "ace" / f"seed{s}" / "log.jsonl").read_text() for s in (0, 1)]
     assert all((tmp_path / "a" / "ace" / f"seed{s}" / "checkpoint.msgpack").exists() for s in (0, 1))
     resumed = study.main([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
@@ -320,5 +326,9 @@ def test_vmap_seeds_folders_resume_either_way(tmp_path, monkeypatch, tiny_task):
     for s in (0, 1):
         lines = (tmp_path / "a" / "ace" / f"seed{s}" / "log.jsonl").read_text().splitlines()
         assert len(lines) == 2 and lines[0] + "\n" == first[s]  # epoch 0 kept from the vmapped run
+        # the resumed run's training time counts both parts: the vmapped epoch 0 and epoch 1
+        assert resumed["methods"]["ace"]["train_s_per_seed"][s] == pytest.approx(
+            vmapped["train_s_per_seed"][s] + json.loads(lines[1])["seconds"])
+    assert resumed["methods"]["ace"]["train_s"] == pytest.approx(sum(resumed["methods"]["ace"]["train_s_per_seed"]))
     for key in ("test_mse_projection_per_seed", "test_mse_full_per_seed"):
         np.testing.assert_allclose(resumed["methods"]["ace"][key], whole["methods"]["ace"][key], rtol=1e-5)
