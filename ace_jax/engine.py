@@ -152,6 +152,13 @@ class FitResult(NamedTuple):
     state: TrainState  # final state
     seconds: float  # wall time of this call (training + evaluation)
 
+    @property
+    def train_seconds(self) -> float:
+        """Σ of the history's per-epoch ``seconds``: every epoch of a run resumed from its
+        checkpoint in several calls, where ``seconds`` times only the last call. (Vmapped seeds,
+        experiments/vmapped_seeds.py, each record the time of the pass they share.)"""
+        return float(sum(record["seconds"] for record in self.history))
+
 
 # --------------------------------------------------------------------------- helpers
 

@@ -246,6 +246,8 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
                      for method, run in ((BASELINE_METHOD, baseline), (ACE_METHOD, ace)) if isinstance(run, Diverged)],
         "seconds": {name: None if isinstance(run, Diverged) else run.seconds
                     for name, run in (("baseline", baseline), ("ace", ace))},
+        "train_seconds": {name: None if isinstance(run, Diverged) else run.train_seconds  # all epochs, resumed too
+                          for name, run in (("baseline", baseline), ("ace", ace))},
     }
     if isinstance(ace, Diverged):
         summary.update(ace_projection_mse=nan, ace_full_mse=nan, final_gammas=[nan] * len(names),

@@ -26,7 +26,8 @@ u per epoch). The study writes ``DIR/results.json`` (schema below), ``DIR/table.
     {"config": {...}, "unit": "1e-2",
      "methods": {NAME: {"test_mse_projection": {"mean", "std"}, "test_mse_full": {"mean", "std"},
                         "final_gammas": [{γ name: value} per seed], "best_epoch": [per seed],
-                        "wall_s": total seconds over seeds,
+                        "wall_s": total seconds over seeds (the last call of each run),
+                        "train_s": total training seconds over seeds, every epoch (resumed runs too),
                         "diverged": [{"seed", "error"} per diverged seed]}}}
 
 MSE values are in units of 1e-2 and mean/std run over seeds (sample std, n − 1).
@@ -339,6 +340,7 @@ def run_study(
                 "final_multipliers": ace_jax.named_leaves(jax.device_get(fit.state.multipliers)),
                 "final_slacks": ace_jax.named_leaves(jax.device_get(fit.state.slacks)),
                 "seconds": fit.seconds,
+                "train_seconds": fit.train_seconds,  # every epoch, also those of earlier calls of a resumed run
             }
             write_json(run_dir / "summary.json", summary)
             plot_trajectories(fit.history, run_dir / "trajectories.png", f"EGNO MoCap Run — {method}, seed {seed}")
@@ -356,6 +358,7 @@ def run_study(
                              for s in per_seed],
             "best_epoch": [None if "diverged" in s else int(s["best_epoch"]) for s in per_seed],
             "wall_s": float(sum(s.get("seconds", 0.0) for s in per_seed)),
+            "train_s": float(sum(s.get("train_seconds", 0.0) for s in per_seed)),
             "diverged": [{"seed": s["seed"], "error": s["diverged"]} for s in per_seed if "diverged" in s],
         }
 

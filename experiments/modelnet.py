@@ -528,6 +528,7 @@ def run_one(task, data, method: str, preset: Preset, seed: int, run_dir: Path, p
         "final_gammas": dict(result.history[-1]["gamma"]),  # γ at the last epoch, as the other studies
         "selected_gammas": {k: float(v) for k, v in named_leaves(gammas(result.best_variables)).items()},
         "seconds": result.seconds,
+        "train_seconds": result.train_seconds,  # every epoch, also those of earlier calls of a resumed run
         # Median over the epochs after the first (which includes compilation), validation included.
         "epoch_seconds": float(np.median(epoch_seconds)),
         "_history": result.history,

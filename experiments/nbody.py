@@ -623,9 +623,9 @@ def method_summary(results, seeds, shared_program: bool = False) -> dict:
     """One method's entry of results.json from its per-seed ``FitResult``s; a :class:`Diverged`
     seed enters the summaries as NaN (mean and std null) and its lists as NaN / None.
 
-    ``train_s_per_seed`` is the sum of the per-epoch ``seconds`` in each seed's history, which
-    holds every epoch of a run resumed in parts (``wall_s``, set by :func:`run_study`, times only
-    the last call). ``train_s`` adds them over seeds; with ``shared_program`` (``--vmap-seeds``:
+    ``train_s_per_seed`` is each seed's ``FitResult.train_seconds``, the sum of the per-epoch
+    ``seconds`` over every epoch of a run resumed in parts (``wall_s``, set by :func:`run_study`,
+    times only the last call). ``train_s`` adds them over seeds; with ``shared_program`` (``--vmap-seeds``:
     every seed's record holds the time of the one pass all seeds share) it is the largest instead.
     A diverged seed keeps no history and is not counted (None).
     """
@@ -635,7 +635,7 @@ def method_summary(results, seeds, shared_program: bool = False) -> dict:
 
     projection = per_seed(lambda r: float(r.test["projection"][METRIC]))
     full = per_seed(lambda r: float(r.test["full"][METRIC]))
-    train_s = per_seed(lambda r: float(sum(record["seconds"] for record in r.history)), None)
+    train_s = per_seed(lambda r: r.train_seconds, None)
     counted = [t for t in train_s if t is not None]
     return {
         "test_mse_projection": summarize(projection),

@@ -6,6 +6,7 @@ tests the model at generic weights and keeps the file fast (no PRNG kernels to c
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -429,6 +430,10 @@ def test_study_rerun_into_the_same_folder_resumes_and_refuses_another_preset(tmp
     # finished runs are resumed, not retrained: the logs (with their per-epoch wall times) are the first run's
     assert {m: (runs / m / "log.jsonl").read_text() for m in logs} == logs
     assert again.ace.test == first.ace.test and again.baseline.test == first.baseline.test
+    # the training time of the resumed (untrained) call is still that of the logged epochs
+    logged = {m: sum(json.loads(line)["seconds"] for line in logs[m].splitlines()) for m in logs}
+    assert again.summary["train_seconds"] == first.summary["train_seconds"]
+    assert again.summary["train_seconds"] == pytest.approx({"baseline": logged["vanilla"], "ace": logged["ace-resilient"]})
     with pytest.raises(ValueError, match="other settings.*channels"):
         run_task("square_to_rectangle", dataclasses.replace(preset, channels=3), 0, tmp_path, progress=False)
 
@@ -437,7 +442,6 @@ def test_study_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
     # seed 0's ACE fit raises NonFiniteError (as a diverging run does): the study still writes
     # every file (figures from seed 1), the baseline's mean, null ACE means, the run under
     # "diverged", and exit status 1; with every ACE run diverged, no (and no stale) figures
-    import json
 
     import ace_jax as aj
     from experiments import c4_toy

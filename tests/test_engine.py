@@ -80,8 +80,11 @@ def test_resume_gives_the_uninterrupted_numbers(tmp_path, dual):
     """Also with dual transforms that carry state (Adam moments, the PI term's last violation)."""
     data = _data()
     full = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "a"), **dual))
-    aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=str(tmp_path / "b"), **dual))
+    part = aj.fit(_task(), data, data, data, "ace-resilient", _config(epochs=2, out_dir=str(tmp_path / "b"), **dual))
     resumed = aj.fit(_task(), data, data, data, "ace-resilient", _config(out_dir=str(tmp_path / "b"), **dual))
+    # the training time counts both calls' epochs: the two restored records and the two trained now
+    assert resumed.history[:2] == part.history and len(resumed.history) == 4
+    assert resumed.train_seconds == pytest.approx(part.train_seconds + sum(r["seconds"] for r in resumed.history[2:]))
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):

@@ -18,7 +18,7 @@ from models.egno import EGNO
 pytestmark = pytest.mark.skipif(not DEFAULT_MOCAP_PATH.is_file(), reason=f"missing {DEFAULT_MOCAP_PATH}")
 
 TINY = {"hidden": 8, "num_layers": 1, "time_embed": 4, "max_train": 12, "max_eval": 12, "batch_size": 6}
-METHOD_KEYS = {"test_mse_projection", "test_mse_full", "final_gammas", "best_epoch", "wall_s", "diverged"}
+METHOD_KEYS = {"test_mse_projection", "test_mse_full", "final_gammas", "best_epoch", "wall_s", "train_s", "diverged"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,8 @@ def test_tiny_study_writes_the_results_schema(tmp_path):
         assert entry["test_mse_full"]["mean"] == pytest.approx(summary["test"]["full"]["mse_last"] / 1e-2)
         log = [json.loads(line) for line in (tmp_path / name / "seed0" / "log.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in log] == [0, 1]
+        assert summary["train_seconds"] == pytest.approx(sum(r["seconds"] for r in log))
+        assert entry["train_s"] == pytest.approx(summary["train_seconds"]) and 0 < entry["train_s"] < entry["wall_s"]
         assert (tmp_path / name / "seed0" / "trajectories.png").is_file()
         assert (tmp_path / f"trajectories_{name}.png").is_file()
     vanilla = on_disk["methods"]["vanilla"]

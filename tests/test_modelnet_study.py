@@ -153,10 +153,15 @@ def test_tiny_run_writes_the_schema(tmp_path):
     assert len(per_seed["final_gammas"]) == 15
     log_path = tmp_path / "runs" / "dropout" / "ace" / "seed0" / "log.jsonl"
     log = log_path.read_text()
+    logged_seconds = sum(json.loads(line)["seconds"] for line in log.splitlines())
+    assert per_seed["train_seconds"] == pytest.approx(logged_seconds)
     # rerunning into the same folder resumes the finished run (no epoch retrained: the logged
     # per-epoch wall times are the first run's) and gives the same numbers ...
     again = run_study(preset, tmp_path, studies=("dropout",), progress=False, cache_dir=tmp_path / "cache")
     assert log_path.read_text() == log and strict_json(again["runs"]) == strict_json(results["runs"])
+    # the resumed call trained nothing, yet its record still counts the epoch trained before
+    again_seed = json.loads((tmp_path / "per_seed.json").read_text())["dropout"]["ace"][0]
+    assert again_seed["train_seconds"] == pytest.approx(logged_seconds)
     # ... and a checkpoint trained under another preset is refused, not silently continued
     with pytest.raises(ValueError, match="other settings.*learning_rate"):
         run_study(tiny_preset(dropout=0.25, learning_rate=2e-3), tmp_path, studies=("dropout",), progress=False,

@@ -257,6 +257,9 @@ def test_a_finished_run_is_extended_without_lr_decay_and_refused_with_it(tmp_pat
     run("plain", 2)  # continues the 1-epoch checkpoint (no schedule depends on the total)
     log = log_path.read_text().splitlines()
     assert log[:1] == first and [json.loads(line)["epoch"] for line in log] == [0, 1]  # epoch 0 not retrained
+    # runs.json's training time counts both epochs, the one trained by the first call too
+    run_record = json.loads((tmp_path / "plain" / "runs.json").read_text())["zpve"]["methods"]["vanilla"][0]
+    assert run_record["train_seconds"] == pytest.approx(sum(json.loads(line)["seconds"] for line in log))
     run("decay", 1, "--lr-decay-at", "0.5")
     with pytest.raises(ValueError, match=r"epochs: checkpoint 1, this run 2\) \(a learning-rate or γ schedule"):
         run("decay", 2, "--lr-decay-at", "0.5")  # the decay step moves with the total: not the same run
