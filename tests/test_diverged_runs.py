@@ -68,11 +68,13 @@ def test_fit_seed_records_a_divergence_and_the_study_summary_voids_the_mean(caps
         test = {"projection": {"mse": 0.5}, "full": {"mse": 0.25}}
         best_epoch = 3
         history = [{"gamma": {"g": 0.1}, "multiplier": {"g": 1.0}, "slack": {}}]
+        train_seconds = 7.5
 
     entry = nbody.method_summary([Done(), run], [0, bad])
     assert entry["test_mse_projection_per_seed"][0] == 0.5 and np.isnan(entry["test_mse_projection_per_seed"][1])
     assert np.isnan(entry["test_mse_projection"]["mean"]) and np.isnan(entry["test_mse_full"]["std"])
     assert entry["best_epoch"] == [3, None] and entry["final_gammas"] == [{"g": 0.1}, None]
+    assert entry["train_s_per_seed"] == [7.5, None] and entry["train_s"] == 7.5  # the diverged seed is not counted
     assert entry["diverged"] == diverged_list([run]) == [{"seed": bad, "error": run.error}]
     results = {"config": {}, "methods": {"vanilla": {"diverged": []}, "ace": entry}}
     capsys.readouterr()
