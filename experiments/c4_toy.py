@@ -88,6 +88,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BASELINE_METHOD = "vanilla"
 ACE_METHOD = "ace-resilient"
+# the ACE run's numbers in a task summary (NaN when that run diverged)
+ACE_NUMBERS = ("ace_projection_mse", "ace_full_mse", "ace_correction_rms", "ace_full_equivariance_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,10 +251,9 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
         "train_seconds": {name: None if isinstance(run, Diverged) else run.train_seconds  # all epochs, resumed too
                           for name, run in (("baseline", baseline), ("ace", ace))},
     }
-    if isinstance(ace, Diverged):
-        summary.update(ace_projection_mse=nan, ace_full_mse=nan, final_gammas=[nan] * len(names),
-                       selected_gammas=[nan] * len(names), ace_best_epoch=None, ace_correction_rms=nan,
-                       ace_full_equivariance_error=nan)
+    if isinstance(ace, Diverged):  # the keys below, with nothing measured
+        summary.update({key: nan for key in ACE_NUMBERS}, final_gammas=[nan] * len(names),
+                       selected_gammas=[nan] * len(names), ace_best_epoch=None)
         return TaskRun(summary, ace, baseline, model, data["test"])
     selected = named_leaves(gammas(ace.best_variables))  # the deployed (selected) epoch
     final = ace.history[-1]["gamma"]  # the last epoch, where the trajectory plots end
@@ -260,18 +261,17 @@ def run_task(task_name: str, preset: Preset, seed: int, out_dir: Path, progress:
     full_fn = jax.jit(lambda a: model.apply(ace.best_variables, a))
     correction = full_fn(x_test) - model.apply(ace.best_variables, x_test, project=True)
     rotate = lambda k, a: c4_act(a, k)  # noqa: E731
-    summary.update({
+    numbers = {
         "ace_projection_mse": ace.test["projection"]["mse"],
         "ace_full_mse": ace.test["full"]["mse"],
-        "final_gammas": [float(final[n]) for n in names],
-        "selected_gammas": [float(selected[n]) for n in names],
-        "ace_best_epoch": ace.best_epoch,
         # Diagnostics on the test inputs: RMS per pixel of the branches' total effect
         # (full − projection) and the full model's C4 equivariance error (mean |f(gx) − g f(x)|
         # per pixel over the 3 non-trivial rotations).
         "ace_correction_rms": float(jnp.sqrt(jnp.mean(correction**2))),
         "ace_full_equivariance_error": float(equivariance_error(full_fn, x_test, (1, 2, 3), rotate, rotate)),
-    })
+    }
+    summary.update(numbers, final_gammas=[float(final[n]) for n in names],
+                   selected_gammas=[float(selected[n]) for n in names], ace_best_epoch=ace.best_epoch)
     return TaskRun(summary, ace, baseline, model, data["test"])
 
 

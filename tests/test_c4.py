@@ -466,6 +466,8 @@ def test_study_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
     assert stored["final_abs_gammas"] == [None] * len(results["config"]["gamma_names"])
     per_seed = json.loads((tmp_path / "per_seed.json").read_text())["per_seed"]["square_to_rectangle"]
     assert per_seed[0]["ace_projection_mse"] is None and per_seed[1]["ace_projection_mse"] > 0
+    # a diverged run's summary has the trained run's keys, its ACE numbers null
+    assert set(per_seed[0]) == set(per_seed[1]) and all(per_seed[0][key] is None for key in c4_toy.ACE_NUMBERS)
     assert (tmp_path / "fig8_square_to_rectangle.png").read_text() == "square_to_rectangle: ACE (resilient), seed 1"
     assert (tmp_path / "trajectories_square_to_rectangle.png").is_file()
     assert report_diverged(results) == 1
