@@ -14,8 +14,9 @@ One model per target (the usual QM9 protocol). Writes ``DIR/results.json``::
 (mean/std over seeds of the test MAE in the target's unit, per real molecule; a diverged seed
 is listed and voids its method's mean, written as null), ``DIR/table.md``
 (targets × methods, like Table 2 of the ACE paper), γ/λ/u trajectory plots under
-``DIR/trajectories/`` and per-run details (per-seed values, best epoch, seconds of the call, training seconds over all epochs) in
-``DIR/runs.json``; each run's log.jsonl and checkpoint lie under ``DIR/runs/`` (resumable).
+``DIR/trajectories/`` and per-run details (per-seed values, best epoch, seconds of the call,
+training seconds over all epochs) in ``DIR/runs.json``; each run's log.jsonl and checkpoint lie
+under ``DIR/runs/`` (resumable).
 
 How graph batches meet the engine
 ---------------------------------
